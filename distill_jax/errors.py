@@ -1,0 +1,17 @@
+"""Errors caused by user input.
+
+The command line prints any `UserInputError` as one line and exits with code 2,
+so its message must name the invalid value and say how to fix it.
+"""
+
+
+class UserInputError(Exception):
+  """Invalid input from the user: a config value, a file or a data source."""
+
+
+class ConfigError(UserInputError, ValueError):
+  """A config value that is unknown, of the wrong type or out of range."""
+
+
+class DataSourceError(UserInputError):
+  """A dataset that cannot be found, read or built."""

@@ -1,0 +1,142 @@
+r"""Command line of distill_jax: flags -> config -> run.
+
+    python -m distill_jax.main --config=configs/fashion_mnist_kd.py --workdir=/tmp/run \
+        [--config.student.train.steps=3000 ...]
+
+Rerunning the same command with the same workdir resumes every stage from its
+latest checkpoint. Invalid input is reported in one line on stderr with exit
+code 2.
+"""
+
+import os
+import sys
+
+# TensorFlow is imported by config_flags (for file access) and by TFDS, but
+# runs no computation here; keep its C++ start-up messages out of the output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import logging as python_logging
+
+from absl import app, flags, logging
+import ml_collections
+from ml_collections import config_flags
+
+from distill_jax.errors import UserInputError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Recipe file and optional variant, configs/NAME.py[:VARIANT]; override any value with "
+    "--config.KEY=VALUE.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Directory for checkpoints, TensorBoard logs and the report; rerunning with the same "
+    "directory resumes the run.")
+
+EXIT_USER_ERROR = 2
+
+# Libraries whose INFO records describe their internals (every checkpoint file
+# write, every iterator step); their warnings and errors still pass.
+_QUIET_LIBRARIES = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/", "/clu/platform/")
+
+
+def _drop_library_info(record: python_logging.LogRecord) -> bool:
+  return record.levelno >= python_logging.WARNING or not any(
+      part in record.pathname for part in _QUIET_LIBRARIES)
+
+
+def _exit_with_error(message: str) -> None:
+  print(f"distill-jax: error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _one_line(message: str) -> str:
+  """Collapse a flag error to one line; of an embedded traceback keep only the final error."""
+  if "Traceback (most recent call last)" in message:
+    head = message.split("Traceback", 1)[0]
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    message = f"{head} {last}"
+  return " ".join(message.split())
+
+
+def _unknown_key_message(error: Exception, argv: list[str]) -> str:
+  """Turn ConfigDict's multi-line unknown-key error into one line naming the flag."""
+  # ConfigDict raises AttributeError(KeyError(message)); unwrap to the message.
+  while isinstance(error, Exception) and error.args and isinstance(error.args[0], Exception):
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  key = lines[0].strip("'\"") if lines else "?"
+  flag = next((arg.split("=", 1)[0] for arg in argv
+               if arg.startswith("--config.") and arg.split("=", 1)[0].endswith("." + key)),
+              f"--config...{key}")
+  hint = f" ({lines[1].rstrip('?')})" if len(lines) > 1 else ""
+  return (f"{flag} sets an unknown config key {key!r}{hint}; check the key names in the "
+          "recipe file")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parse flags and load the config, exiting with code 2 and one line on bad input."""
+  try:
+    remaining = flags.FLAGS(argv)
+  except flags.Error as error:
+    _exit_with_error(_one_line(str(error)))
+  except (AttributeError, KeyError) as error:
+    _exit_with_error(_unknown_key_message(error, argv))
+  except (TypeError, ValueError) as error:
+    _exit_with_error(" ".join(str(error).split()))
+
+  if _CONFIG.value is None or not flags.FLAGS["config"].present:
+    _exit_with_error("--config is required, e.g. --config=configs/fashion_mnist_kd.py")
+  if not _WORKDIR.value:
+    _exit_with_error("--workdir is required: the directory for checkpoints, logs and the report")
+  if len(remaining) > 1:
+    _exit_with_error(f"unexpected positional arguments {remaining[1:]}; all options are flags "
+                     "like --config.KEY=VALUE")
+  return remaining
+
+
+def _load_config() -> ml_collections.ConfigDict:
+  """Return the parsed config; a missing or broken recipe file exits with code 2."""
+  config = _CONFIG.value
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  # config_flags stands in an object that raises the loading error on first use.
+  try:
+    config.recipe  # pylint: disable=pointless-statement
+  except Exception as error:  # pylint: disable=broad-except
+    _exit_with_error(f"cannot load the recipe file {flags.FLAGS['config'].config_filename!r}: "
+                     f"{' '.join(str(error).split())}")
+  _exit_with_error(f"the recipe file {flags.FLAGS['config'].config_filename!r} did not return "
+                   "a ConfigDict from get_config()")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  # Imported here so that `--help` and flag errors come back without loading JAX.
+  from distill_jax.training import classification_kd
+  from distill_jax.training import validation
+
+  logging.get_absl_handler().addFilter(_drop_library_info)
+  # JAX logs backend probing (for instance a missing TPU library) through its own handler.
+  python_logging.getLogger("jax").setLevel(python_logging.WARNING)
+  config = _load_config()
+  try:
+    validation.validate_config(config)
+    report = classification_kd.run(config, _WORKDIR.value)
+  except UserInputError as error:
+    _exit_with_error(str(error))
+
+  models = report["models"]
+  summary = ", ".join(f"{name} {entry['test_accuracy']:.2%}" for name, entry in models.items())
+  logging.info("test accuracy: %s", summary)
+  print(f"test accuracy: {summary}; report in {_WORKDIR.value}/report.md")
+
+
+def run_cli() -> None:
+  """Entry point of the `distill-jax` console script."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -1,0 +1,1 @@
+"""Train state, pure steps, the stage loop and the recipes built on them."""

@@ -1,0 +1,303 @@
+"""The training loop of one stage: restore, train, evaluate, checkpoint, log."""
+
+from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+import zlib
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx
+
+from distill_jax import parallel
+from distill_jax.checkpoints import StageCheckpointer
+from distill_jax.errors import UserInputError
+from distill_jax.evaluation import finalize_sums
+from distill_jax.losses import DistillationLoss
+from distill_jax.training import state as state_lib
+from distill_jax.training import steps
+from distill_jax.training.metrics import namespaced
+
+
+class NonFiniteLossError(UserInputError):
+  """Raised when a step's loss or gradient is NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher: its structure and its parameters on the mesh."""
+  graphdef: nnx.GraphDef
+  params: nnx.State
+
+
+@dataclasses.dataclass
+class StageResult:
+  """What a finished stage hands to the next ones and to the report."""
+  name: str
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  steps: int
+  eval_history: list[dict[str, float]]
+  train_seconds: float
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def evaluate(
+    student_graphdef: nnx.GraphDef,
+    student_params: nnx.State,
+    teacher: Teacher | None,
+    eval_batches: Callable[[], Iterator[Mapping[str, np.ndarray]]],
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+  """Evaluate on every batch of `eval_batches()`; returns accuracy, agreement and KL."""
+  eval_fn = _jitted_eval_step(student_graphdef, teacher.graphdef if teacher else None)
+  teacher_params = teacher.params if teacher else None
+
+  sums = None
+  for local_batch in eval_batches():
+    batch = parallel.global_batch_from_local(local_batch, mesh)
+    batch_sums = eval_fn(student_params, teacher_params, batch)
+    sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
+  return finalize_sums(jax.device_get(sums))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_eval_step(student_graphdef, teacher_graphdef):
+  return jax.jit(functools.partial(
+      steps.eval_step, student_graphdef=student_graphdef, teacher_graphdef=teacher_graphdef))
+
+
+class _History:
+  """Evaluation results of a stage, kept in a JSON-lines file that survives restarts."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.records: list[dict[str, float]] = []
+    if os.path.exists(path):
+      with open(path) as f:
+        self.records = [json.loads(line) for line in f if line.strip()]
+
+  def truncate(self, step: int) -> None:
+    """Drop records after `step`, the step a resumed run restarts from."""
+    self.records = [r for r in self.records if r["step"] <= step]
+    self._rewrite()
+
+  def append(self, record: dict[str, float]) -> None:
+    self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
+    self._rewrite()
+
+  def _rewrite(self) -> None:
+    temporary_path = self.path + ".tmp"
+    with open(temporary_path, "w") as f:
+      for record in self.records:
+        f.write(json.dumps(record) + "\n")
+    os.replace(temporary_path, self.path)
+
+
+def stage_seed(seed: int, name: str) -> int:
+  """A seed for stage `name` that stays the same across runs and processes."""
+  return (seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF
+
+
+class StageTrainer:
+  """Trains one model for `train_config.steps` steps, resuming from its checkpoints.
+
+  Checkpoints go to WORKDIR/checkpoints/NAME, TensorBoard logs to
+  WORKDIR/tensorboard/NAME and evaluation results to
+  WORKDIR/NAME_eval_history.jsonl.
+  """
+
+  def __init__(
+      self,
+      name: str,
+      *,
+      model: nnx.Module,
+      train_config: Mapping[str, Any],
+      config: Mapping[str, Any],
+      workdir: str,
+      mesh: jax.sharding.Mesh,
+      make_train_iterator: Callable[[int, int], Any],
+      eval_batches: Callable[[], Iterator[Mapping[str, np.ndarray]]],
+      teacher: Teacher | None = None,
+      distillation_loss: DistillationLoss | None = None,
+      eval_teacher: Teacher | None = None,
+  ):
+    """Build the jitted step, the data iterator and the checkpointer.
+
+    Args:
+      name: stage name, used in paths, logs and random keys.
+      model: the model to train, with its initial parameters.
+      train_config: steps, batch size, optimizer and schedule.
+      config: the whole run config (seed, logging, checkpoint and eval periods).
+      workdir: the run's working directory.
+      mesh: device mesh of the run.
+      make_train_iterator: returns a checkpointable iterator of host batches
+        for (global batch size, seed).
+      eval_batches: returns a fresh pass over the test split in fixed-size,
+        masked batches.
+      teacher: the frozen teacher to distill from, or None to train on labels.
+      distillation_loss: the loss used with a teacher.
+      eval_teacher: a teacher to compare with during evaluation only (for
+        agreement and KL curves of the baseline); defaults to `teacher`.
+    """
+    self.name = name
+    self.mesh = mesh
+    self.teacher = teacher
+    self.eval_teacher = eval_teacher if eval_teacher is not None else teacher
+    self.eval_batches = eval_batches
+    self.total_steps = int(train_config["steps"])
+    self.batch_size = int(train_config["batch_size"])
+    self.log_every = int(config["log_every_steps"])
+    self.eval_every = int(config["eval_every_steps"])
+    self.checkpoint_every = int(config["checkpoint"]["every_steps"])
+    seed = stage_seed(int(config["seed"]), name)
+
+    self.graphdef, initial_params = nnx.split(model, nnx.Param)
+    optimizer = state_lib.make_optimizer(train_config)
+    create_state = functools.partial(state_lib.create_train_state, optimizer=optimizer)
+    replicated = parallel.replicated_sharding(mesh)
+    self.state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create_state,
+                                                                            initial_params))
+    self.state = jax.jit(create_state, out_shardings=self.state_sharding)(initial_params)
+
+    self.step_fn = jax.jit(
+        functools.partial(
+            steps.train_step,
+            student_graphdef=self.graphdef,
+            teacher_graphdef=teacher.graphdef if teacher else None,
+            optimizer=optimizer,
+            schedule=state_lib.make_learning_rate_schedule(train_config),
+            distillation_loss=distillation_loss,
+            augment=bool(train_config["augment"]),
+        ),
+        in_shardings=(self.state_sharding, replicated, parallel.batch_sharding(mesh), replicated),
+        out_shardings=(self.state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    self.rng = jax.device_put(jax.random.key(seed), replicated)
+
+    self.data_iterator = make_train_iterator(self.batch_size, seed)
+    checkpoint_config = config["checkpoint"]
+    self.checkpointer = StageCheckpointer(os.path.join(workdir, "checkpoints", name),
+                                          max_to_keep=int(checkpoint_config["max_to_keep"]),
+                                          async_save=bool(checkpoint_config["async_save"]))
+    self.history = _History(os.path.join(workdir, f"{name}_eval_history.jsonl"))
+    self.writer = metric_writers.create_default_writer(
+        os.path.join(workdir, "tensorboard", name), just_logging=jax.process_index() > 0,
+        asynchronous=True)
+    self.progress = periodic_actions.ReportProgress(
+        num_train_steps=self.total_steps, every_steps=self.log_every, every_secs=None)
+
+  def restore(self) -> int:
+    """Restore the latest checkpoint of this stage, if any; returns the step to start at."""
+    start_step = 0
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      self.state = self.checkpointer.restore(latest, self.state, self.data_iterator)
+      start_step = int(jax.device_get(self.state.step))
+      logging.info("%s: resuming at step %d of %d", self.name, start_step, self.total_steps)
+    self.history.truncate(start_step)
+    return start_step
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    """Evaluate the current parameters on the test split and record the result."""
+    with self.progress.timed("eval"):
+      results = evaluate(self.graphdef, self.state.params, self.eval_teacher, self.eval_batches,
+                         self.mesh)
+    record = {"step": step, **{f"eval/{key}": value for key, value in results.items()}}
+    self.history.append(record)
+    self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+    logging.info("%s step %d: %s", self.name, step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
+    return record
+
+  def _check_finite(self) -> None:
+    nonfinite_step = int(jax.device_get(self.state.nonfinite_step))
+    if nonfinite_step >= 0:
+      raise NonFiniteLossError(
+          f"{self.name}: the loss or gradient became NaN or Inf at step {nonfinite_step}; "
+          "lower the learning rate or check the inputs (the last checkpoint holds finite "
+          "parameters)")
+
+  def _log_train_metrics(self, step: int, metrics: Any, interval_steps: int,
+                         interval_seconds: float) -> None:
+    scalars = namespaced({k: float(v) for k, v in metrics.compute().items()})
+    steps_per_second = interval_steps / max(interval_seconds, 1e-9)
+    eta_seconds = (self.total_steps - step) / max(steps_per_second, 1e-9)
+    scalars.update({
+        "perf/steps_per_second": steps_per_second,
+        "perf/examples_per_second": steps_per_second * self.batch_size,
+        "perf/eta_seconds": eta_seconds,
+    })
+    self.writer.write_scalars(step, scalars)
+    logging.info("%s step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, ETA %s", self.name, step,
+                 self.total_steps, 100.0 * step / self.total_steps, scalars["train/loss"],
+                 steps_per_second, _format_seconds(eta_seconds))
+
+  def train(self, start_step: int, end_step: int | None = None) -> float:
+    """Run the steps after `start_step` up to `end_step` (default: the last step).
+
+    Returns:
+      The seconds spent. A checkpoint is saved at `end_step` as at the last step.
+    """
+    end_step = self.total_steps if end_step is None else min(end_step, self.total_steps)
+    if start_step >= self.total_steps:
+      logging.info("%s: already finished (%d steps); skipping training", self.name,
+                   self.total_steps)
+      return 0.0
+    logging.info("%s: training steps %d to %d at batch %d on mesh %s", self.name, start_step,
+                 self.total_steps, self.batch_size, dict(self.mesh.shape))
+
+    teacher_params = self.teacher.params if self.teacher else None
+    metrics = None
+    started = interval_start = time.perf_counter()
+    interval_first_step = start_step
+    for step in range(start_step + 1, end_step + 1):
+      batch = parallel.global_batch_from_local(next(self.data_iterator), self.mesh)
+      self.state, step_metrics = self.step_fn(self.state, teacher_params, batch, self.rng)
+      metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
+      self.progress(step)
+
+      is_last = step == end_step
+      if step % self.log_every == 0 or is_last:
+        self._check_finite()
+        now = time.perf_counter()
+        self._log_train_metrics(step, metrics, step - interval_first_step, now - interval_start)
+        metrics, interval_start, interval_first_step = None, now, step
+      if step % self.eval_every == 0 or is_last:
+        self.evaluate(step)
+      if step % self.checkpoint_every == 0 or is_last:
+        self._check_finite()
+        self.checkpointer.save(step, self.state, self.data_iterator)
+    return time.perf_counter() - started
+
+  def close(self) -> None:
+    """Wait for pending checkpoint writes and flush the logs."""
+    self.checkpointer.close()
+    self.writer.flush()
+    self.writer.close()
+
+
+def run_stage(name: str, **kwargs) -> StageResult:
+  """Train one stage to its last step (resuming if it has checkpoints) and evaluate it."""
+  trainer = StageTrainer(name, **kwargs)
+  try:
+    start_step = trainer.restore()
+    train_seconds = trainer.train(start_step)
+    if not trainer.history.records or trainer.history.records[-1]["step"] != trainer.total_steps:
+      trainer.evaluate(trainer.total_steps)
+  finally:
+    trainer.close()
+  return StageResult(name=name, graphdef=trainer.graphdef, params=trainer.state.params,
+                     steps=trainer.total_steps, eval_history=trainer.history.records,
+                     train_seconds=train_seconds)
