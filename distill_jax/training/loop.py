@@ -216,7 +216,8 @@ class StageTrainer:
                          self.mesh)
     record = {"step": step, **{f"eval/{key}": value for key, value in results.items()}}
     self.history.append(record)
-    self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+    self.writer.write_scalars(step, {k: v for k, v in record.items()
+                                     if k not in ("step", "eval/num_examples")})
     logging.info("%s step %d: %s", self.name, step,
                  ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
     return record
