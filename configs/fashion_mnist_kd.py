@@ -65,19 +65,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # (WORKDIR/checkpoints/teacher); when set, the teacher is restored from it
       # instead of being trained.
       "checkpoint_dir": "",
-      "train": _train_config(steps=1400, batch_size=128, learning_rate=3e-3),
+      "train": _train_config(steps=2400, batch_size=128, learning_rate=3e-3),
   })
 
   config.student = ml_collections.ConfigDict({
-      "model": {"name": "cnn", "widths": (6, 12), "hidden_sizes": (32,)},
+      "model": {"name": "cnn", "widths": (8, 16), "hidden_sizes": (12,)},
       # Distillation and the from-scratch baseline both use this budget.
-      "train": _train_config(steps=1000, batch_size=128, learning_rate=3e-3),
+      "train": _train_config(steps=2000, batch_size=128, learning_rate=3e-3),
   })
 
   config.distill = ml_collections.ConfigDict({
       # One of forward_kl, reverse_kl, jsd, tvd, logit_mse.
       "divergence": "forward_kl",
-      "temperature": 4.0,
+      "temperature": 1.0,
       # Weight of the teacher term; 1 - alpha weighs the hard-label loss.
       "alpha": 0.9,
       # Interpolation of the generalized JSD: 0 is forward KL, 1 reverse KL.
@@ -86,9 +86,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.run_baseline = True
 
   config.log_every_steps = 100
-  config.eval_every_steps = 250
+  config.eval_every_steps = 500
   config.checkpoint = ml_collections.ConfigDict({
-      "every_steps": 250,
+      "every_steps": 500,
       "max_to_keep": 2,
       "async_save": True,
   })

@@ -34,6 +34,7 @@ _WORKDIR = flags.DEFINE_string(
     "directory resumes the run.")
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 # Libraries whose INFO records describe their internals (every checkpoint file
 # write, every iterator step); their warnings and errors still pass.
@@ -101,7 +102,7 @@ def _load_config() -> ml_collections.ConfigDict:
   config = _CONFIG.value
   if isinstance(config, ml_collections.ConfigDict):
     return config
-  # config_flags stands in an object that raises the loading error on first use.
+  # On a failed load, config_flags returns an object that raises the error on first use.
   try:
     config.recipe  # pylint: disable=pointless-statement
   except Exception as error:  # pylint: disable=broad-except
@@ -126,6 +127,11 @@ def main(argv: list[str]) -> None:
     report = classification_kd.run(config, _WORKDIR.value)
   except UserInputError as error:
     _exit_with_error(str(error))
+  except KeyboardInterrupt:
+    # Each stage waits for its pending checkpoint save before this point.
+    print(f"distill-jax: interrupted; rerun the same command to resume {_WORKDIR.value} from "
+          "its latest checkpoint", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
   models = report["models"]
   summary = ", ".join(f"{name} {entry['test_accuracy']:.2%}" for name, entry in models.items())
@@ -134,7 +140,11 @@ def main(argv: list[str]) -> None:
 
 
 def run_cli() -> None:
-  """Entry point of the `distill-jax` console script."""
+  """Entry point of the `distill-jax` console script and of `python -m distill_jax.main`."""
+  # absl's --help lists the flags of the module named by sys.argv[0], which is
+  # the console script's wrapper rather than this module.
+  for name in ("config", "workdir"):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   app.run(main, flags_parser=parse_flags)
 
 

@@ -85,7 +85,7 @@ BAD_CONFIGS = [
     ("--config.distill.alpha=1.5", "alpha must be in [0, 1], got 1.5"),
     ("--config.distill.beta=-0.1", "beta must be in [0, 1], got -0.1"),
     ("--config.distill.divergence=kl2", "got 'kl2'"),
-    ("--config.mesh.data=3", "do not divide the 8 devices"),
+    ("--config.mesh.data=3", "multiply to 3, but the run has 8 device(s)"),
     ("--config.student.train.batch_size=30", "batch_size=30 is not divisible by 8"),
     ("--config.teacher.train.learning_rate=-0.1", "learning_rate must be a finite number > 0"),
     ("--config.student.model.name=transformer", "config.student.model.name must be one of"),
@@ -111,7 +111,7 @@ def test_bad_config_one_line_error(flag, expected, tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     ((f"--config={RECIPE}:bogus",), "unknown variant 'bogus'"),
-    (("--config=configs/missing.py",), "configs/missing.py"),
+    (("--config=configs/missing.py", "--workdir=/tmp/unused"), "configs/missing.py"),
     ((f"--config={RECIPE}:tiny",), "--workdir is required"),
     (("--workdir=/tmp/unused",), "--config is required"),
 ], ids=["variant", "missing_file", "no_workdir", "no_config"])
@@ -132,3 +132,34 @@ def test_console_script_reports_errors():
                    "--config.distill.alpha=2", executable=[script])
   assert result.returncode == 2
   assert result.stderr.strip() == "distill-jax: error: config.distill: alpha must be in [0, 1], got 2.0"
+
+
+def test_rerun_with_other_config_rejected(tiny_run):
+  workdir, args, first = tiny_run
+  assert first.returncode == 0, first.stderr[-3000:]
+  saved_config = (workdir / "config.json").read_text()
+  saved_report = (workdir / "report.json").read_text()
+
+  result = run_cli(*args, "--config.distill.alpha=0.5")
+
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert "holds a run with a different config (distill.alpha: 0.9 -> 0.5)" in lines[0]
+  assert (workdir / "config.json").read_text() == saved_config
+  assert (workdir / "report.json").read_text() == saved_report
+
+
+@pytest.mark.parametrize("kind", ["file", "under_file"])
+def test_unusable_workdir_one_line_error(kind, tmp_path):
+  blocker = tmp_path / "blocker"
+  blocker.write_text("keep me")
+  workdir = blocker if kind == "file" else blocker / "run"
+
+  result = run_cli(f"--config={RECIPE}:tiny", f"--workdir={workdir}")
+
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert "cannot be created because a file is in the way" in lines[0]
+  assert blocker.read_text() == "keep me"

@@ -214,4 +214,4 @@ def test_eval_history_written(sources, tmp_path):
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records] == [3, 6]
   assert records == result.eval_history
-  assert 0.0 <= records[-1]["eval/student_accuracy"] <= 1.0
+  assert 0.0 <= records[-1]["eval/accuracy"] <= 1.0

@@ -1,6 +1,6 @@
 """One Orbax `CheckpointManager` per training stage.
 
-A checkpoint holds the train state of the model being trained (step,
+A checkpoint contains the train state of the model being trained (step,
 parameters, optimizer state) and the Grain data iterator's state, so a resumed
 run sees exactly the batches it would have seen. A teacher is never written
 into a student's checkpoint: the distillation stage reloads the teacher from
@@ -24,9 +24,9 @@ def _abstract(tree: Any) -> Any:
 class StageCheckpointer:
   """Saves and restores one stage's train state and data iterator.
 
-  Saves run in a background thread when `async_save` is set; `close()` waits
-  for the last one, so call it (or use the object as a context manager)
-  before the process exits.
+  Saves run in a background thread when `async_save` is set. Call `close()`,
+  or use the object as a context manager, before the process exits, because
+  `close()` waits for the last save to finish.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool):
@@ -83,11 +83,10 @@ def restore_params(directory: str, target_state: Any) -> tuple[Any, int]:
     The restored state and its step.
 
   Raises:
-    FileNotFoundError: if `directory` holds no checkpoint.
+    FileNotFoundError: if `directory` contains no checkpoint.
   """
   directory = os.path.abspath(os.path.expanduser(directory))
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   try:
     step = manager.latest_step()
     if step is None:

@@ -44,7 +44,7 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tupl
     sizes[sizes.index(-1)] = num_devices // known
   elif known != num_devices:
     raise ConfigError(f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} multiply to {known}, but "
-                      f"there are {num_devices} devices; make the product {num_devices} or set "
+                      f"the run has {num_devices} device(s); make the product {num_devices} or set "
                       "one axis to -1")
   return tuple(sizes)
 

@@ -10,14 +10,12 @@ Three stages run in one command, each resumable from its own checkpoints:
 
 from collections.abc import Mapping
 import functools
-import json
 import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -30,6 +28,7 @@ from distill_jax.losses import DistillationLoss
 from distill_jax.models import build_model
 from distill_jax.training import state as state_lib
 from distill_jax.training import loop
+from distill_jax.training import workdir as workdir_lib
 
 
 # Profile fields shown per model; p90 latencies and byte counts stay out of the table.
@@ -72,6 +71,11 @@ def _restore_teacher(config: Mapping[str, Any], splits: Any,
   except FileNotFoundError:
     raise ConfigError(f"config.teacher.checkpoint_dir={directory!r} contains no checkpoint; point "
                       "it at WORKDIR/checkpoints/teacher of a finished run") from None
+  except ValueError as error:
+    raise ConfigError(
+        f"the checkpoint in config.teacher.checkpoint_dir={directory!r} does not match "
+        f"config.teacher.model ({' '.join(str(error).split())[:200]}); use the teacher model "
+        "config of the run that saved it") from None
   return loop.StageResult(name="teacher", graphdef=graphdef, params=state.params, steps=step,
                           eval_history=[], train_seconds=0.0)
 
@@ -102,21 +106,12 @@ def _model_entry(result: loop.StageResult, test_metrics: Mapping[str, float],
   return entry
 
 
-def _write_config(config: Any, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  temporary_path = path + ".tmp"
-  with open(temporary_path, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(temporary_path, path)
-
-
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """Run all stages of the recipe in `workdir` and write the report; returns it."""
   started = time.perf_counter()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    _write_config(config, workdir)
+  workdir = workdir_lib.prepare_workdir(
+      workdir, config.to_json_best_effort(indent=2, sort_keys=True),
+      write=jax.process_index() == 0)
 
   mesh = parallel.make_mesh(config["mesh"])
   data_config = config["data"]
@@ -231,7 +226,7 @@ def _build_report(config, splits, mesh, teacher_result, distilled, baseline,
 def _plot(workdir: str, distilled: loop.StageResult, baseline: loop.StageResult | None) -> None:
   results = [("distilled", distilled)] + ([("baseline", baseline)] if baseline else [])
   panels = {
-      "test accuracy": _curves(results, "eval/student_accuracy"),
+      "test accuracy": _curves(results, "eval/accuracy"),
       "KL(teacher || student), nats": _curves(results, "eval/kl_teacher_student"),
   }
   evaluation.plot_learning_curve_panels(panels, os.path.join(workdir, "learning_curves.png"),

@@ -38,7 +38,7 @@ class Teacher:
 
 @dataclasses.dataclass
 class StageResult:
-  """What a finished stage hands to the next ones and to the report."""
+  """Outputs of a finished stage, for the next stages and the report."""
   name: str
   graphdef: nnx.GraphDef
   params: nnx.State
@@ -105,7 +105,7 @@ class _History:
 
 
 def stage_seed(seed: int, name: str) -> int:
-  """A seed for stage `name` that stays the same across runs and processes."""
+  """Derive the seed of stage `name`; it is the same across runs and processes."""
   return (seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF
 
 
@@ -214,6 +214,9 @@ class StageTrainer:
     with self.progress.timed("eval"):
       results = evaluate(self.graphdef, self.state.params, self.eval_teacher, self.eval_batches,
                          self.mesh)
+    # The model being trained is the "student" of the metric sums in every stage,
+    # the teacher stage included.
+    results["accuracy"] = results.pop("student_accuracy")
     record = {"step": step, **{f"eval/{key}": value for key, value in results.items()}}
     self.history.append(record)
     self.writer.write_scalars(step, {k: v for k, v in record.items()
