@@ -81,7 +81,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = flags.FLAGS(argv)
   except flags.Error as error:
-    _exit_with_error(_one_line(str(error)))
+    message = _one_line(str(error))
+    if message.startswith("flag --config."):
+      message += "; give a value of the type that the recipe file sets for this key"
+    _exit_with_error(message)
   except (AttributeError, KeyError) as error:
     _exit_with_error(_unknown_key_message(error, argv))
   except (TypeError, ValueError) as error:

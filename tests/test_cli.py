@@ -145,7 +145,7 @@ def test_rerun_with_other_config_rejected(tiny_run):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1, result.stderr
-  assert "holds a run with a different config (distill.alpha: 0.9 -> 0.5)" in lines[0]
+  assert "contains a run with a different config (distill.alpha: 0.9 -> 0.5)" in lines[0]
   assert (workdir / "config.json").read_text() == saved_config
   assert (workdir / "report.json").read_text() == saved_report
 

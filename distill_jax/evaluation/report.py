@@ -320,7 +320,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
       and isinstance(value, Mapping)
   ]
   for key in section_keys:
-    lines.extend([f"## {_SECTION_TITLES.get(key, key)}", ""])
+    heading = _SECTION_TITLES.get(key, key.replace("_", " ").capitalize())
+    lines.extend([f"## {heading}", ""])
     lines.extend(_render_bullets(report[key], key))
     lines.append("")
 

@@ -28,7 +28,7 @@ RESUMABLE_KEYS = (
 
 
 class WorkdirError(UserInputError):
-  """A workdir that cannot be used: not writable, or holding another config's run."""
+  """A workdir that cannot be used: not writable, or containing another config's run."""
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -72,7 +72,7 @@ def prepare_workdir(workdir: str, config_json: str, write: bool = True) -> str:
     The absolute path of the workdir.
 
   Raises:
-    WorkdirError: if the workdir cannot be created or written, or holds a run
+    WorkdirError: if the workdir cannot be created or written, or contains a run
       whose config differs in a key outside `RESUMABLE_KEYS`.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -94,8 +94,8 @@ def prepare_workdir(workdir: str, config_json: str, write: bool = True) -> str:
       saved = json.load(f)
     differences = config_differences(saved, current)
     if differences:
-      shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
-      raise WorkdirError(f"--workdir={workdir} holds a run with a different config ({shown}); "
+      listed = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+      raise WorkdirError(f"--workdir={workdir} contains a run with a different config ({listed}); "
                          "use a new --workdir, or rerun with the saved config to resume it")
 
   if not write:
