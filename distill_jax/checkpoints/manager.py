@@ -35,6 +35,9 @@ class StageCheckpointer:
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
         create=True,
+        # A save cut short by a crash or Ctrl-C leaves a temporary directory
+        # that is never restored; remove it when the stage starts again.
+        cleanup_tmp_directories=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
