@@ -77,6 +77,10 @@ def test_rerun_resumes_finished_stages(tiny_run):
   after = json.loads((workdir / "report.json").read_text())
   for model in before["models"]:
     assert after["models"][model]["test_accuracy"] == before["models"][model]["test_accuracy"]
+  for stage in ("teacher", "distill", "baseline"):
+    key = f"{stage}_train_seconds"
+    assert after["timings"][key] == pytest.approx(before["timings"][key]), key
+    assert after["timings"][key] > 0, key
 
 
 BAD_CONFIGS = [

@@ -214,4 +214,6 @@ def test_eval_history_written(sources, tmp_path):
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records] == [3, 6]
   assert records == result.eval_history
+  assert 0.0 < records[0]["train_seconds"] < records[1]["train_seconds"]
+  assert result.train_seconds >= records[1]["train_seconds"]
   assert 0.0 <= records[-1]["eval/accuracy"] <= 1.0

@@ -44,6 +44,8 @@ class StageResult:
   params: nnx.State
   steps: int
   eval_history: list[dict[str, float]]
+  # Seconds spent training over every invocation of the stage; time between
+  # a stage's last evaluation and an interruption is not counted.
   train_seconds: float
 
 
@@ -197,6 +199,10 @@ class StageTrainer:
         asynchronous=True)
     self.progress = periodic_actions.ReportProgress(
         num_train_steps=self.total_steps, every_steps=self.log_every, every_secs=None)
+    # Training seconds of earlier invocations, up to the last evaluation at or
+    # before the restored step, read back from the evaluation history.
+    self.earlier_train_seconds = 0.0
+    self._train_started: float | None = None
 
   def restore(self) -> int:
     """Restore the latest checkpoint of this stage, if any; returns the step to start at."""
@@ -207,6 +213,8 @@ class StageTrainer:
       start_step = int(jax.device_get(self.state.step))
       logging.info("%s: resuming at step %d of %d", self.name, start_step, self.total_steps)
     self.history.truncate(start_step)
+    if self.history.records:
+      self.earlier_train_seconds = self.history.records[-1].get("train_seconds", 0.0)
     return start_step
 
   def evaluate(self, step: int) -> dict[str, float]:
@@ -218,11 +226,14 @@ class StageTrainer:
     # the teacher stage included.
     results["accuracy"] = results.pop("student_accuracy")
     record = {"step": step, **{f"eval/{key}": value for key, value in results.items()}}
-    self.history.append(record)
     self.writer.write_scalars(step, {k: v for k, v in record.items()
                                      if k not in ("step", "eval/num_examples")})
     logging.info("%s step %d: %s", self.name, step,
                  ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
+    if self._train_started is not None:
+      record["train_seconds"] = (self.earlier_train_seconds + time.perf_counter()
+                                 - self._train_started)
+    self.history.append(record)
     return record
 
   def _check_finite(self) -> None:
@@ -265,6 +276,7 @@ class StageTrainer:
     teacher_params = self.teacher.params if self.teacher else None
     metrics = None
     started = interval_start = time.perf_counter()
+    self._train_started = started
     interval_first_step = start_step
     for step in range(start_step + 1, end_step + 1):
       batch = parallel.global_batch_from_local(next(self.data_iterator), self.mesh)
@@ -283,6 +295,7 @@ class StageTrainer:
       if step % self.checkpoint_every == 0 or is_last:
         self._check_finite()
         self.checkpointer.save(step, self.state, self.data_iterator)
+    self._train_started = None
     return time.perf_counter() - started
 
   def close(self) -> None:
@@ -297,11 +310,13 @@ def run_stage(name: str, **kwargs) -> StageResult:
   trainer = StageTrainer(name, **kwargs)
   try:
     start_step = trainer.restore()
-    train_seconds = trainer.train(start_step)
+    train_seconds = trainer.earlier_train_seconds + trainer.train(start_step)
     if not trainer.history.records or trainer.history.records[-1]["step"] != trainer.total_steps:
       trainer.evaluate(trainer.total_steps)
   finally:
     trainer.close()
+  # The last evaluation's count, when there is one, is what a rerun reads back.
+  train_seconds = trainer.history.records[-1].get("train_seconds", train_seconds)
   return StageResult(name=name, graphdef=trainer.graphdef, params=trainer.state.params,
                      steps=trainer.total_steps, eval_history=trainer.history.records,
                      train_seconds=train_seconds)
