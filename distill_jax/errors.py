@@ -1,7 +1,7 @@
 """Errors caused by user input.
 
 The command line prints any `UserInputError` as one line and exits with code 2,
-so its message must name the invalid value and say how to fix it.
+so its message must name the invalid value and the fix.
 """
 
 

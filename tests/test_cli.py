@@ -176,8 +176,8 @@ def test_interrupt_exits_with_one_line(tfds_data_dir, tmp_path):
   cli_args = [f"--config={RECIPE}:tiny", f"--workdir={workdir}",
               f"--config.data.data_dir={tfds_data_dir}", "--config.teacher.train.steps=100000"]
   # A shell may start background children with SIGINT ignored, and Python then
-  # keeps ignoring it; install Python's own handler, as in a terminal, before
-  # running the command line.
+  # keeps ignoring it. The launcher installs Python's own handler, as a terminal
+  # run would have, before it runs the command line.
   launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
               f"sys.argv = ['distill-jax', *{cli_args!r}]; "
               "runpy.run_module('distill_jax.main', run_name='__main__')")

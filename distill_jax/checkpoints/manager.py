@@ -2,7 +2,7 @@
 
 A checkpoint contains the train state of the model being trained (step,
 parameters, optimizer state) and the Grain data iterator's state, so a resumed
-run sees exactly the batches it would have seen. A teacher is never written
+run reads exactly the batches it would have read. A teacher is never written
 into a student's checkpoint: the distillation stage reloads the teacher from
 the teacher stage's own directory.
 """

@@ -1,7 +1,7 @@
 """Image classifiers in Flax NNX: a ResNet-style teacher and two small students.
 
 Every model maps images `[batch, height, width, channels]` (float32) to logits
-`[batch, num_classes]` and holds no state but its parameters, so the same pure
+`[batch, num_classes]` and has no state but its parameters, so the same pure
 train step serves all of them. The ResNet uses GroupNorm rather than BatchNorm
 for that reason: it needs no running statistics.
 """
@@ -57,8 +57,8 @@ class ResNet(nnx.Module):
       blocks_per_stage: residual blocks per stage.
       image_size: (height, width) of the input images.
       head: "pool" averages the last feature map over space before the linear
-        classifier; "flatten" feeds it every position, which keeps where a
-        feature is (it suits small images such as 28x28).
+        classifier. "flatten" feeds it every position, so the classifier
+        also sees where a feature is, which suits small images such as 28x28.
       rngs: parameter initialization keys.
     """
     if head not in ("pool", "flatten"):

@@ -18,7 +18,7 @@ from flax import nnx
 from distill_jax import parallel
 from distill_jax.checkpoints import StageCheckpointer
 from distill_jax.errors import UserInputError
-from distill_jax.evaluation import finalize_sums
+from distill_jax.evaluation import add_sums, finalize_sums
 from distill_jax.losses import DistillationLoss
 from distill_jax.training import state as state_lib
 from distill_jax.training import steps
@@ -69,7 +69,7 @@ def evaluate(
   for local_batch in eval_batches():
     batch = parallel.global_batch_from_local(local_batch, mesh)
     batch_sums = eval_fn(student_params, teacher_params, batch)
-    sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
+    sums = add_sums(sums, batch_sums)
   return finalize_sums(jax.device_get(sums))
 
 
