@@ -75,7 +75,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   })
 
   config.distill = ml_collections.ConfigDict({
-      # One of forward_kl, reverse_kl, jsd, tvd, logit_mse.
+      # One of forward_kl, reverse_kl, jsd, tvd, skew_kl, logit_mse.
       "divergence": "forward_kl",
       "temperature": 1.0,
       # Weight of the teacher term; 1 - alpha weighs the hard-label loss.

@@ -15,3 +15,7 @@ class ConfigError(UserInputError, ValueError):
 
 class DataSourceError(UserInputError):
   """A dataset that cannot be found, read or built."""
+
+
+class CheckpointFileError(UserInputError):
+  """A weights file that is missing, truncated, corrupt or of another model."""

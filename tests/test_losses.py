@@ -577,6 +577,7 @@ def test_distillation_loss_total(divergence):
       "reverse_kl": losses.reverse_kl(s, t, 2.0),
       "jsd": losses.generalized_jsd(s, t, 0.2, 2.0),
       "tvd": losses.total_variation(s, t, 2.0),
+      "skew_kl": losses.skew_kl(s, t, 0.2, 2.0),
       "logit_mse": losses.logit_mse(s, t),
   }[divergence]
   expected_cross_entropy = ref_cross_entropy(s, labels)
@@ -689,3 +690,36 @@ def test_distillation_loss_invalid_config(field, value):
   assert repr(value) in message
   assert "\n" not in message
   assert isinstance(raised.value, ValueError)
+
+
+def ref_skew_kl(s, t, alpha, temperature=1.0):
+  p = np.exp(_ref_log_probs(t, temperature))
+  q = np.exp(_ref_log_probs(s, temperature))
+  m = alpha * p + (1.0 - alpha) * q
+  return np.sum(special.rel_entr(p, m), -1) * temperature**2
+
+
+@pytest.mark.parametrize("alpha", (0.1, 0.5, 0.9))
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_skew_kl_matches_reference(alpha, temperature):
+  s, t = _random_pair(40, SHAPE_3D)
+  np.testing.assert_allclose(losses.skew_kl(s, t, alpha, temperature),
+                             ref_skew_kl(s, t, alpha, temperature), rtol=1e-5, atol=1e-6)
+
+
+def test_skew_kl_endpoints():
+  s, t = _random_pair(41, SHAPE_2D)
+  np.testing.assert_array_equal(losses.skew_kl(s, t, 0.0), losses.forward_kl(s, t))
+  np.testing.assert_array_equal(losses.skew_kl(s, t, 1.0), np.zeros(SHAPE_2D[0]))
+
+
+def test_skew_kl_bounded_where_student_has_no_mass():
+  s = np.array([[60.0, -60.0]], np.float32)
+  t = np.array([[-60.0, 60.0]], np.float32)
+  assert float(losses.skew_kl(s, t, 0.1)[0]) == pytest.approx(-math.log(0.1), rel=1e-4)
+
+
+def test_skew_kl_rejects_alpha_outside_unit_interval():
+  s, t = _random_pair(42, SHAPE_2D)
+  with pytest.raises(ConfigError, match="alpha must be in"):
+    losses.skew_kl(s, t, 1.5)

@@ -8,6 +8,7 @@ from distill_jax.losses.divergences import logit_mse
 from distill_jax.losses.divergences import LossTerms
 from distill_jax.losses.divergences import masked_mean
 from distill_jax.losses.divergences import reverse_kl
+from distill_jax.losses.divergences import skew_kl
 from distill_jax.losses.divergences import softmax_cross_entropy_with_integer_labels
 from distill_jax.losses.divergences import total_variation
 
@@ -20,6 +21,7 @@ __all__ = [
     "logit_mse",
     "masked_mean",
     "reverse_kl",
+    "skew_kl",
     "softmax_cross_entropy_with_integer_labels",
     "total_variation",
 ]

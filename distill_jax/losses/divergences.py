@@ -29,8 +29,8 @@ from distill_jax.errors import ConfigError
 
 # Valid values of `DistillationLoss.divergence`, in the order of the
 # functions below: forward KL, reverse KL, generalized Jensen-Shannon,
-# total variation distance and mean squared error of the raw logits.
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "logit_mse")
+# total variation distance, skew KL and mean squared error of the raw logits.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "logit_mse")
 
 
 def _check_temperature(temperature) -> None:
@@ -382,6 +382,65 @@ def total_variation(
   return _mask_values(values, mask)
 
 
+def skew_kl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    where: jax.Array | None = None,
+) -> jax.Array:
+  r"""Compute the skew KL divergence KL(teacher || mixture) per example.
+
+  From Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large
+  Language Models". With the mixture
+  :math:`m = \alpha p_T + (1 - \alpha) q_T`,
+
+  .. math::
+    T^2 \cdot \mathrm{SKL}(\alpha) = T^2\, \mathrm{KL}(p_T \| m).
+
+  Mixing some of the teacher into the student distribution keeps the
+  divergence finite, with bounded gradients, where the student puts almost
+  no mass. At alpha == 0 it is `forward_kl`, and at alpha == 1 it is 0.
+
+  Args:
+    student_logits: Unnormalized student log-probabilities, with shape
+      `[batch, num_classes]` or `[batch, length, vocab]`.
+    teacher_logits: Unnormalized teacher log-probabilities, with the same
+      shape as `student_logits`.
+    alpha: Weight of the teacher in the mixture, a Python float in [0, 1].
+    temperature: Softmax temperature `T > 0`.
+    where: Optional boolean mask of shape `student_logits.shape[:-1]` (or
+      broadcastable to it). Masked-out examples return 0.
+
+  Returns:
+    The divergence per example, with shape `student_logits.shape[:-1]`.
+
+  Raises:
+    ConfigError: If `alpha` is not in [0, 1], or `temperature` is a Python
+      number that is not finite and > 0.
+    ValueError: If the two logits arrays differ in shape.
+  """
+  _check_unit_interval("alpha", alpha)
+  alpha = float(alpha)
+  if alpha == 0.0:
+    return forward_kl(student_logits, teacher_logits, temperature, where)
+
+  _check_temperature(temperature)
+  student_logits, teacher_logits, mask = _prepare_pair(
+      student_logits, teacher_logits, where
+  )
+
+  log_q, log_p = _tempered_log_probs(
+      student_logits, teacher_logits, temperature
+  )
+  if alpha == 1.0:
+    log_m = log_p
+  else:
+    log_m = jnp.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
+  values = _kl_from_log_probs(log_p, log_m) * temperature**2
+  return _mask_values(values, mask)
+
+
 def logit_mse(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -538,15 +597,16 @@ class DistillationLoss:
   Attributes:
     divergence: Name of the teacher-student divergence, one of
       `DIVERGENCES`: "forward_kl" (`forward_kl`), "reverse_kl"
-      (`reverse_kl`), "jsd" (`generalized_jsd`), "tvd" (`total_variation`)
-      or "logit_mse" (`logit_mse`).
+      (`reverse_kl`), "jsd" (`generalized_jsd`), "tvd" (`total_variation`),
+      "skew_kl" (`skew_kl`) or "logit_mse" (`logit_mse`).
     temperature: Softmax temperature `T > 0` of the divergence. "logit_mse"
       ignores it.
     alpha: Weight of the divergence term in [0, 1]. The cross-entropy term
       gets `1 - alpha`, and `alpha == 1` needs no labels.
-    beta: Teacher weight of the "jsd" mixture in [0, 1], where 0 is forward
-      KL(teacher || student) and 1 is reverse KL(student || teacher). The
-      other divergences ignore it.
+    beta: Teacher weight of the "jsd" and "skew_kl" mixtures in [0, 1]. For
+      "jsd", 0 is forward KL(teacher || student) and 1 is reverse
+      KL(student || teacher); for "skew_kl", 0 is forward KL. The other
+      divergences ignore it.
   """
 
   divergence: str = "forward_kl"
@@ -593,6 +653,10 @@ class DistillationLoss:
     if self.divergence == "tvd":
       return total_variation(
           student_logits, teacher_logits, self.temperature, where
+      )
+    if self.divergence == "skew_kl":
+      return skew_kl(
+          student_logits, teacher_logits, self.beta, self.temperature, where
       )
     return logit_mse(student_logits, teacher_logits, where)
 
