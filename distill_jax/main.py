@@ -126,8 +126,14 @@ def main(argv: list[str]) -> None:
   python_logging.getLogger("jax").setLevel(python_logging.WARNING)
   config = _load_config()
   try:
-    validation.validate_config(config)
-    report = classification_kd.run(config, _WORKDIR.value)
+    if config.get("task") == "language_model":
+      from distill_jax.training import lm_distill  # pylint: disable=g-import-not-at-top
+
+      validation.validate_language_model_config(config)
+      report = lm_distill.run(config, _WORKDIR.value)
+    else:
+      validation.validate_config(config)
+      report = classification_kd.run(config, _WORKDIR.value)
   except UserInputError as error:
     _exit_with_error(str(error))
   except KeyboardInterrupt:
@@ -137,6 +143,11 @@ def main(argv: list[str]) -> None:
     sys.exit(EXIT_INTERRUPTED)
 
   models = report["models"]
+  if config.get("task") == "language_model":
+    summary = ", ".join(f"{name} {entry['perplexity']:.2f}" for name, entry in models.items())
+    logging.info("validation perplexity: %s", summary)
+    print(f"validation perplexity: {summary}; report in {_WORKDIR.value}/report.md")
+    return
   summary = ", ".join(f"{name} {entry['test_accuracy']:.2%}" for name, entry in models.items())
   logging.info("test accuracy: %s", summary)
   print(f"test accuracy: {summary}; report in {_WORKDIR.value}/report.md")

@@ -250,3 +250,13 @@ def test_top_k_larger_than_vocab_rejected():
   loss = token_level.TokenDistillationLoss(top_k=300)
   with pytest.raises(ConfigError, match="top_k is 300, larger than the vocabulary of 256"):
     loss.check_vocab_size(256)
+
+
+def test_vocab_summary_equals_full_softmax():
+  inputs = _inputs(11)
+  summary = token_level.vocab_summary(inputs["student_hidden"], inputs["student_embedding"],
+                                      chunk_size=CHUNK, softcap=4.0)
+  logits = token_level.soft_cap(inputs["student_hidden"] @ inputs["student_embedding"].T, 4.0)
+  np.testing.assert_allclose(summary.log_partition, jax.nn.logsumexp(logits, -1), atol=1e-5)
+  np.testing.assert_allclose(summary.max_logit, logits.max(-1), atol=1e-6)
+  np.testing.assert_array_equal(summary.argmax, jnp.argmax(logits, -1))

@@ -199,6 +199,7 @@ def make_train_loader(
     *,
     worker_count: int = 0,
     read_options: grain.ReadOptions | None = None,
+    scale_images: bool = True,
 ) -> grain.DataLoader:
   """Create a shuffling, sharded training loader over a random-access split.
 
@@ -223,6 +224,8 @@ def make_train_loader(
       `grain.ReadOptions(num_threads=0)` for an `InMemorySource`, as grain
       recommends for data in memory to avoid GIL contention, and the grain
       defaults otherwise (16 threads and 500 records in grain 0.2.18).
+    scale_images: apply `scale_batch` to each batch; False yields the
+      records' arrays stacked unchanged, for sources other than images.
 
   Returns:
     A `grain.DataLoader`. `iter()` on it returns a checkpointable iterator of
@@ -278,10 +281,9 @@ def make_train_loader(
       num_epochs=num_epochs,
       seed=seed,
   )
-  operations = [
-      grain.transforms.Batch(batch_size=batch_size, drop_remainder=True),
-      ScaleBatch(),
-  ]
+  operations = [grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
+  if scale_images:
+    operations.append(ScaleBatch())
   return grain.DataLoader(
       data_source=source,
       sampler=sampler,

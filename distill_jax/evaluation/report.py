@@ -74,6 +74,12 @@ _MODEL_COLUMNS = {
     "peak_memory_batch1_mib": "Peak memory batch 1 (MiB)",
     "peak_memory_batchN_mib": "Peak memory batch N (MiB)",
     "train_steps": "Train steps",
+    "perplexity": "Perplexity",
+    "nll": "NLL (nats/token)",
+    "next_token_accuracy": "Next-token accuracy",
+    "ece": "ECE",
+    "tokens_per_second_batch1": "Tokens/s batch 1",
+    "greedy_ms_per_token": "Greedy ms/token",
 }
 
 _SECTION_TITLES = {
@@ -276,7 +282,8 @@ def _render_bullets(value: Any, key: str = "", depth: int = 0) -> list[str]:
         lines.append(f"{indent}- **{item_key}**:")
         lines.extend(_render_bullets(item, item_key, depth + 1))
       else:
-        formatted = format_value(item_key, item)
+        # A line break would end the bullet, so it is shown as "\n".
+        formatted = format_value(item_key, item).replace("\n", "\\n")
         lines.append(f"{indent}- **{item_key}**: {formatted}")
     return lines
   return [f"{indent}- {format_value(key, value)}"]

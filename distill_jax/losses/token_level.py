@@ -367,8 +367,27 @@ def top_k_divergence(student_hidden: jax.Array, student_embedding: jax.Array,
   student_top = student_log_probs_at(student_hidden, student_embedding, teacher_top_ids,
                                      temperature=float(loss.temperature),
                                      chunk_size=loss.vocab_chunk_size, softcap=student_softcap)
+  return bucket_divergence(student_top, teacher_top_log_probs, loss, where=where)
+
+
+def bucket_divergence(student_top_log_probs: jax.Array, teacher_top_log_probs: jax.Array,
+                      loss: TokenDistillationLoss, *, where: jax.Array | None = None
+                      ) -> jax.Array:
+  """Return the divergence per token over k top-k buckets plus one tail bucket.
+
+  Args:
+    student_top_log_probs: `[tokens, k]` student log-probabilities at the
+      teacher's top-k ids, at `loss.temperature`.
+    teacher_top_log_probs: `[tokens, k]` the teacher's top-k log-probabilities.
+    loss: the divergence and temperature.
+    where: `[tokens]` boolean mask; masked positions return 0.
+  """
+  teacher_top_log_probs = jax.lax.stop_gradient(teacher_top_log_probs.astype(jnp.float32))
+  if where is not None:
+    teacher_top_log_probs = jnp.where(where[:, None], teacher_top_log_probs, 0.0)
+    student_top_log_probs = jnp.where(where[:, None], student_top_log_probs, 0.0)
   log_p = with_tail_bucket(teacher_top_log_probs)
-  log_q = with_tail_bucket(student_top)
+  log_q = with_tail_bucket(student_top_log_probs)
   terms = divergence_terms(log_p, log_q, loss.divergence, loss.beta)
   return _mask_values(jnp.sum(terms, axis=-1) * loss.scale, where)
 
@@ -385,3 +404,45 @@ def chunked_cross_entropy(hidden: jax.Array, embedding: jax.Array, labels: jax.A
                             preferred_element_type=jnp.float32)
   label_logits = soft_cap(label_logits, softcap)
   return _mask_values(log_partition - label_logits, where)
+
+
+class VocabSummary(NamedTuple):
+  """Per-token statistics of a softmax over the vocabulary, each `[tokens]`.
+
+  Attributes:
+    log_partition: `logsumexp` of the logits.
+    max_logit: the largest logit.
+    argmax: the id of the largest logit (the lowest id on ties).
+  """
+
+  log_partition: jax.Array
+  max_logit: jax.Array
+  argmax: jax.Array
+
+
+def vocab_summary(hidden: jax.Array, embedding: jax.Array, *, chunk_size: int = 8192,
+                  softcap: float | None = None) -> VocabSummary:
+  """Return the log-partition function, max logit and argmax per token in one chunked pass.
+
+  Meant for evaluation: the greedy prediction is `argmax` and its probability
+  is `exp(max_logit - log_partition)`. No gradient is defined through `argmax`.
+  """
+  chunks = split_vocab(embedding, chunk_size)
+  tokens = hidden.shape[0]
+
+  def body(carry, chunk):
+    lse_carry, best_logit, best_id = carry
+    chunk_embedding, valid, offset = chunk
+    logits = _chunk_logits(hidden, chunk_embedding, valid, softcap, 1.0)
+    lse_carry = _streaming_logsumexp(lse_carry, logits)
+    chunk_best = jnp.max(logits, axis=-1)
+    chunk_id = jnp.argmax(logits, axis=-1).astype(jnp.int32) + offset
+    better = chunk_best > best_logit
+    return (lse_carry, jnp.where(better, chunk_best, best_logit),
+            jnp.where(better, chunk_id, best_id)), None
+
+  initial = (_initial_logsumexp(tokens), jnp.full((tokens,), -jnp.inf, jnp.float32),
+             jnp.zeros((tokens,), jnp.int32))
+  ((running_max, running_sum), best_logit, best_id), _ = jax.lax.scan(
+      body, initial, (chunks.embedding, chunks.valid, chunks.offsets))
+  return VocabSummary(running_max + jnp.log(running_sum), best_logit, best_id)

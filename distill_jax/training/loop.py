@@ -133,6 +133,9 @@ class StageTrainer:
       teacher: Teacher | None = None,
       distillation_loss: DistillationLoss | None = None,
       eval_teacher: Teacher | None = None,
+      step_fn: Callable[..., Any] | None = None,
+      evaluate_fn: Callable[[nnx.GraphDef, nnx.State], dict[str, float]] | None = None,
+      tokens_per_example: int | None = None,
   ):
     """Build the jitted step, the data iterator and the checkpointer.
 
@@ -151,6 +154,12 @@ class StageTrainer:
       distillation_loss: the loss used with a teacher.
       eval_teacher: a teacher to compare with during evaluation only (for
         agreement and KL curves of the baseline); defaults to `teacher`.
+      step_fn: a pure train step `step_fn(state, teacher_params, batch, rng, *,
+        student_graphdef, optimizer, schedule)` with its other settings
+        already bound; defaults to the classification `steps.train_step`.
+      evaluate_fn: returns evaluation results for (graphdef, params); defaults
+        to classification accuracy, agreement and KL on `eval_batches`.
+      tokens_per_example: tokens in one example, to log `perf/tokens_per_second`.
     """
     self.name = name
     self.mesh = mesh
@@ -172,16 +181,18 @@ class StageTrainer:
                                                                             initial_params))
     self.state = jax.jit(create_state, out_shardings=self.state_sharding)(initial_params)
 
+    schedule = state_lib.make_learning_rate_schedule(train_config)
+    if step_fn is None:
+      step_fn = functools.partial(
+          steps.train_step,
+          teacher_graphdef=teacher.graphdef if teacher else None,
+          distillation_loss=distillation_loss,
+          augment=bool(train_config["augment"]))
+    self.evaluate_fn = evaluate_fn
+    self.tokens_per_example = tokens_per_example
     self.step_fn = jax.jit(
-        functools.partial(
-            steps.train_step,
-            student_graphdef=self.graphdef,
-            teacher_graphdef=teacher.graphdef if teacher else None,
-            optimizer=optimizer,
-            schedule=state_lib.make_learning_rate_schedule(train_config),
-            distillation_loss=distillation_loss,
-            augment=bool(train_config["augment"]),
-        ),
+        functools.partial(step_fn, student_graphdef=self.graphdef, optimizer=optimizer,
+                          schedule=schedule),
         in_shardings=(self.state_sharding, replicated, parallel.batch_sharding(mesh), replicated),
         out_shardings=(self.state_sharding, replicated),
         donate_argnums=(0,),
@@ -220,11 +231,15 @@ class StageTrainer:
   def evaluate(self, step: int) -> dict[str, float]:
     """Evaluate the current parameters on the test split and record the result."""
     with self.progress.timed("eval"):
-      results = evaluate(self.graphdef, self.state.params, self.eval_teacher, self.eval_batches,
-                         self.mesh)
+      if self.evaluate_fn is not None:
+        results = self.evaluate_fn(self.graphdef, self.state.params)
+      else:
+        results = evaluate(self.graphdef, self.state.params, self.eval_teacher,
+                           self.eval_batches, self.mesh)
     # The model being trained is the "student" of the metric sums in every stage,
     # the teacher stage included.
-    results["accuracy"] = results.pop("student_accuracy")
+    if "student_accuracy" in results:
+      results["accuracy"] = results.pop("student_accuracy")
     record = {"step": step, **{f"eval/{key}": value for key, value in results.items()}}
     self.writer.write_scalars(step, {k: v for k, v in record.items()
                                      if k not in ("step", "eval/num_examples")})
@@ -254,6 +269,9 @@ class StageTrainer:
         "perf/examples_per_second": steps_per_second * self.batch_size,
         "perf/eta_seconds": eta_seconds,
     })
+    if self.tokens_per_example:
+      scalars["perf/tokens_per_second"] = (steps_per_second * self.batch_size
+                                           * self.tokens_per_example)
     self.writer.write_scalars(step, scalars)
     logging.info("%s step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, ETA %s", self.name, step,
                  self.total_steps, 100.0 * step / self.total_steps, scalars["train/loss"],

@@ -37,6 +37,7 @@ METRIC_NAMES = {
     "learning_rate": "train/learning_rate",
     "divergence": "distill/divergence",
     "teacher_agreement": "distill/teacher_agreement",
+    "target_tokens": "train/target_tokens",
 }
 
 

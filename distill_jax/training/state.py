@@ -67,3 +67,30 @@ def create_train_state(params: nnx.State, optimizer: optax.GradientTransformatio
       opt_state=optimizer.init(params),
       nonfinite_step=jnp.full((), -1, jnp.int32),
   )
+
+
+def apply_gradients(state: TrainState, grads: nnx.State, loss: jax.Array,
+                    optimizer: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+  """Apply one optimizer update unless the loss or gradient is NaN or Inf.
+
+  A non-finite step leaves parameters and optimizer state unchanged and
+  records its number in `nonfinite_step` (the first such step only).
+
+  Returns:
+    The new state, with `step` advanced either way, and the gradient norm.
+  """
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
+                             state.nonfinite_step)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_new(new_params, state.params),
+      opt_state=keep_new(new_opt_state, state.opt_state),
+      nonfinite_step=nonfinite_step,
+  )
+  return new_state, grad_norm

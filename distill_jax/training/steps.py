@@ -18,6 +18,7 @@ from distill_jax.evaluation import classification_sums
 from distill_jax.losses import DistillationLoss
 from distill_jax.training.metrics import DistillMetrics, SupervisedMetrics
 from distill_jax.training.state import TrainState
+from distill_jax.training.state import apply_gradients
 
 Batch = dict[str, jax.Array]
 
@@ -85,21 +86,7 @@ def train_step(
 
   (loss, (logits, cross_entropy, divergence)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
-                             state.nonfinite_step)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep_new(new_params, state.params),
-      opt_state=keep_new(new_opt_state, state.opt_state),
-      nonfinite_step=nonfinite_step,
-  )
+  new_state, grad_norm = apply_gradients(state, grads, loss, optimizer)
 
   outputs = dict(
       loss=loss,

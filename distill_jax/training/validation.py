@@ -109,3 +109,87 @@ def validate_config(config: Mapping[str, Any]) -> None:
   _require_int("checkpoint.max_to_keep", config["checkpoint"]["max_to_keep"], 1)
   _require_int("report.latency_repeats", config["report"]["latency_repeats"], 1)
   _require_int("report.large_batch_size", config["report"]["large_batch_size"], 1)
+
+
+def _batch_divisor(config: Mapping[str, Any]) -> int:
+  """Return the number of batch shards: mesh data x fsdp, and the process count."""
+  mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(config["mesh"], jax.device_count())))
+  return math.lcm(mesh_shape["data"] * mesh_shape["fsdp"], jax.process_count())
+
+
+def validate_language_model_config(config: Mapping[str, Any]) -> None:
+  """Check every value of a language-model distillation config; raises `ConfigError`."""
+  from distill_jax.data.text_datasets import TEXT_SOURCES  # pylint: disable=g-import-not-at-top
+  from distill_jax.losses.token_level import TokenDistillationLoss  # pylint: disable=g-import-not-at-top
+
+  _require_int("seed", config["seed"], 0)
+  _require_choice("teacher.format", config["teacher"]["format"], ("gguf", "safetensors"))
+  for key in ("teacher.path", "tokenizer.gguf_path"):
+    section, name = key.split(".")
+    path = config[section][name]
+    if path and not os.path.isfile(os.path.expanduser(path)):
+      raise ConfigError(f"config.{key}={path!r} is not a file; point it at an existing file "
+                        "or leave it empty for the packaged Gemma 3 270M")
+
+  student = config["student"]
+  _require_choice("student.init", student["init"], ("teacher", "scratch"))
+  for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+              "sliding_window", "global_every"):
+    _require_int(f"student.{key}", student[key], 1)
+  _require_int("student.vocab_size", student["vocab_size"], 0)
+  batch_divisor = _batch_divisor(config)
+  _validate_train("student.train", student["train"], batch_divisor)
+
+  data = config["data"]
+  sources = data["sources"]
+  if not sources:
+    raise ConfigError("config.data.sources is empty; use any of "
+                      f"{', '.join(TEXT_SOURCES)}")
+  for source in sources:
+    _require_choice("data.sources", source, TEXT_SOURCES)
+  if "reasoning_gym" in sources:
+    for index, generator in enumerate(data["generators"]):
+      for key in ("name", "size", "seed"):
+        if key not in generator:
+          raise ConfigError(f"config.data.generators[{index}] has no {key!r}; give each "
+                            "generator a name, size and seed")
+      _require_int(f"data.generators[{index}].size", generator["size"], 1)
+      _require_int(f"data.generators[{index}].seed", generator["seed"], 0)
+  _require_int("data.seq_len", data["seq_len"], 2)
+  _require_int("data.max_train_rows", data["max_train_rows"], 0)
+  _require_int("data.max_eval_rows", data["max_eval_rows"], 0)
+  _require_int("data.eval_batch_size", data["eval_batch_size"], 1)
+  _require_int("data.worker_count", data["worker_count"], 0)
+  if data["eval_batch_size"] % batch_divisor:
+    raise ConfigError(f"config.data.eval_batch_size={data['eval_batch_size']} is not divisible "
+                      f"by {batch_divisor}, the number of batch shards; use a multiple of it")
+
+  distill = config["distill"]
+  _require_choice("distill.source", distill["source"], ("cache", "online"))
+  try:
+    TokenDistillationLoss(divergence=distill["divergence"], temperature=distill["temperature"],
+                          beta=distill["beta"], top_k=distill["top_k"],
+                          vocab_chunk_size=distill["vocab_chunk_size"])
+  except ConfigError as error:
+    raise ConfigError(f"config.distill: {error}") from None
+  _require_float("distill.alpha", distill["alpha"], minimum=0.0, inclusive=True)
+  if distill["alpha"] > 1:
+    raise ConfigError(f"config.distill.alpha must be in [0, 1], got {distill['alpha']!r}")
+  if distill["source"] == "cache" and distill["top_k"] < 1:
+    raise ConfigError("config.distill.source='cache' stores the teacher's top-k; set "
+                      "config.distill.top_k >= 1 or use source='online'")
+  _require_int("teacher_cache.batch_size", config["teacher_cache"]["batch_size"], 1)
+  if config["teacher_cache"]["batch_size"] % batch_divisor:
+    raise ConfigError(f"config.teacher_cache.batch_size={config['teacher_cache']['batch_size']} "
+                      f"is not divisible by {batch_divisor}, the number of batch shards; use a "
+                      "multiple of it")
+  _require_int("teacher_cache.rows_per_shard", config["teacher_cache"]["rows_per_shard"], 1)
+
+  _require_int("log_every_steps", config["log_every_steps"], 1)
+  _require_int("eval_every_steps", config["eval_every_steps"], 1)
+  _require_int("checkpoint.every_steps", config["checkpoint"]["every_steps"], 1)
+  _require_int("checkpoint.max_to_keep", config["checkpoint"]["max_to_keep"], 1)
+  report = config["report"]
+  _require_int("report.latency_repeats", report["latency_repeats"], 1)
+  _require_int("report.max_new_tokens", report["max_new_tokens"], 1)
+  _require_int("report.generation_buffer", report["generation_buffer"], 2)
