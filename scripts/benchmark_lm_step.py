@@ -3,7 +3,8 @@
 Measures, with the pretrained Gemma 3 270M as teacher and a student built
 from the arguments (same 262144-token vocabulary):
 
-- teacher forward: the teacher's final hidden states for one batch;
+- teacher forward: the teacher's logits for one batch (reduced chunk by
+  chunk to their maximum, so they are computed but never stored);
 - student step: one cross-entropy train step of the student alone;
 - distillation steps: the teacher forward plus the student update with the
   chunked full-vocabulary KL ("online, full"), with the teacher's top-k
@@ -62,7 +63,10 @@ def main():
   parser.add_argument("--student-width", type=int, default=384)
   parser.add_argument("--temperature", type=float, default=2.0)
   parser.add_argument("--top-k", type=int, default=64)
-  parser.add_argument("--chunk", type=int, default=16384)
+  parser.add_argument("--chunk", type=int, default=16384, help="vocabulary chunk size")
+  parser.add_argument("--token-chunk", type=int, default=128,
+                      help="positions per chunk of full-vocabulary logits; 0 chunks the "
+                           "vocabulary instead")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--modes", default="teacher,student,online_full,online_top_k,cached")
   args = parser.parse_args()
@@ -94,13 +98,15 @@ def main():
   state = state_lib.create_train_state(student_params, optimizer)
   print(f"teacher {gemma3.count_parameters(teacher):,} parameters, student "
         f"{gemma3.count_parameters(student):,}; batch {args.batch} x {args.seq_len} tokens, "
-        f"T={args.temperature}, backend {jax.default_backend()}")
+        f"T={args.temperature}, token chunk {args.token_chunk}, vocabulary chunk {args.chunk}, "
+        f"backend {jax.default_backend()}")
 
   def step_fn(mode: str, top_k: int):
     loss = token_level.TokenDistillationLoss("forward_kl", temperature=args.temperature,
                                              top_k=top_k, vocab_chunk_size=args.chunk)
     step_config = lm_steps.LMStepConfig(mode=mode, loss=loss, alpha=1.0,
-                                        vocab_size=teacher_config.vocab_size)
+                                        vocab_size=teacher_config.vocab_size,
+                                        token_chunk_size=args.token_chunk)
     return jax.jit(functools.partial(
         lm_steps.lm_train_step, student_graphdef=student_graphdef,
         teacher_graphdef=teacher_graphdef if mode == "online" else None, optimizer=optimizer,
@@ -109,8 +115,14 @@ def main():
   results = {}
   modes = args.modes.split(",")
   if "teacher" in modes:
-    forward = jax.jit(lambda params, batch: lm_steps.final_hidden(teacher_graphdef, params,
-                                                                  batch)[0])
+    # The teacher's logits are part of its forward pass, as in a framework's
+    # forward call; their maximum keeps XLA from dropping them.
+    def teacher_logits_max(params, batch):
+      hidden, embedding, _ = lm_steps.final_hidden(teacher_graphdef, params, batch)
+      return jnp.max(token_level.vocab_summary(hidden, embedding,
+                                               chunk_size=args.chunk).max_logit)
+
+    forward = jax.jit(teacher_logits_max)
     results["teacher forward"] = (_time(forward, teacher_params, batch, repeats=args.repeats),
                                   _memory_gib(forward, teacher_params, batch))
   if "student" in modes:

@@ -197,3 +197,38 @@ def test_eval_sums_match_full_logits():
   np.testing.assert_allclose(results["teacher_agreement"], agreement)
   assert 0.0 <= results["student_ece"] <= 1.0
   assert 0.0 <= results["teacher_next_token_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("mode, top_k, temperature", [
+    ("online", 0, 2.0), ("online", 10, 1.0), ("cached", 10, 2.0), ("cross_entropy", 0, 1.0)])
+def test_token_chunked_step_equals_vocab_chunked(mode, top_k, temperature):
+  (teacher_graphdef, teacher_params), (student_graphdef, student_params) = _models()
+  batch = _batch(6)
+  if mode == "cached":
+    hidden, embedding, config = lm_steps.final_hidden(teacher_graphdef, teacher_params, batch)
+    ids, log_probs = token_level.chunked_top_k(hidden, embedding, top_k,
+                                               temperature=temperature, chunk_size=48,
+                                               softcap=config.final_logit_softcap)
+    batch = dict(batch, teacher_top_ids=ids.reshape(BATCH, LENGTH, top_k),
+                 teacher_top_log_probs=log_probs.reshape(BATCH, LENGTH, top_k))
+  loss = token_level.TokenDistillationLoss("forward_kl", temperature=temperature, top_k=top_k,
+                                           vocab_chunk_size=48)
+  results = []
+  for token_chunk_size in (0, 7):
+    step = functools.partial(
+        lm_steps.lm_train_step, student_graphdef=student_graphdef,
+        teacher_graphdef=teacher_graphdef if mode == "online" else None,
+        optimizer=state_lib.make_optimizer(TRAIN),
+        schedule=state_lib.make_learning_rate_schedule(TRAIN),
+        step_config=lm_steps.LMStepConfig(mode=mode, loss=loss, alpha=0.6, vocab_size=VOCAB,
+                                          token_chunk_size=token_chunk_size))
+    results.append(jax.jit(step)(_state(student_params),
+                                 teacher_params if mode == "online" else None, batch,
+                                 jax.random.key(0)))
+  (vocab_state, vocab_metrics), (token_state, token_metrics) = results
+  for name in ("loss", "divergence", "cross_entropy", "grad_norm"):
+    np.testing.assert_allclose(token_metrics.compute()[name], vocab_metrics.compute()[name],
+                               rtol=1e-4, err_msg=name)
+  for vocab_leaf, token_leaf in zip(jax.tree.leaves(vocab_state.params),
+                                    jax.tree.leaves(token_state.params)):
+    np.testing.assert_allclose(token_leaf, vocab_leaf, atol=2e-6)

@@ -260,3 +260,91 @@ def test_vocab_summary_equals_full_softmax():
   np.testing.assert_allclose(summary.log_partition, jax.nn.logsumexp(logits, -1), atol=1e-5)
   np.testing.assert_allclose(summary.max_logit, logits.max(-1), atol=1e-6)
   np.testing.assert_array_equal(summary.argmax, jnp.argmax(logits, -1))
+
+
+FUSED_CASES = [
+    ("none", "forward_kl", 1.0, 0, 0.0),
+    ("full", "forward_kl", 2.0, 0, 1.0),
+    ("full", "jsd", 1.0, 0, 0.6),
+    ("full", "tvd", 1.5, 0, 0.5),
+    ("full", "reverse_kl", 1.0, 16, 0.8),
+    ("top_k", "forward_kl", 2.0, 16, 0.7),
+    ("top_k", "skew_kl", 1.0, 8, 1.0),
+]
+
+
+@pytest.mark.parametrize("teacher, divergence, temperature, top_k, alpha", FUSED_CASES)
+def test_fused_loss_and_gradients_equal_reference(teacher, divergence, temperature, top_k,
+                                                  alpha):
+  inputs = _inputs(12)
+  targets = jax.random.randint(jax.random.key(2), (TOKENS,), 0, VOCAB)
+  where = jnp.arange(TOKENS) % 4 != 1
+  weights = where / jnp.sum(where)
+  loss = token_level.TokenDistillationLoss(divergence, temperature=temperature, beta=0.3,
+                                           top_k=top_k, vocab_chunk_size=CHUNK)
+  spec = token_level.FusedLossSpec(loss=loss, alpha=alpha, teacher=teacher, token_chunk_size=5,
+                                   student_softcap=6.0, teacher_softcap=4.0)
+  teacher_args = {}
+  if teacher == "full":
+    teacher_args = dict(teacher_hidden=inputs["teacher_hidden"],
+                        teacher_embedding=inputs["teacher_embedding"])
+  elif teacher == "top_k":
+    ids, log_probs = token_level.chunked_top_k(inputs["teacher_hidden"],
+                                               inputs["teacher_embedding"], top_k,
+                                               temperature=temperature, chunk_size=CHUNK,
+                                               softcap=4.0)
+    teacher_args = dict(teacher_top_ids=ids, teacher_top_log_probs=log_probs)
+
+  def fused(student_hidden, student_embedding):
+    return token_level.fused_token_loss(student_hidden, student_embedding, targets, weights,
+                                        spec, **teacher_args)[0]
+
+  def reference(student_hidden, student_embedding):
+    cross_entropy = token_level.chunked_cross_entropy(
+        student_hidden, student_embedding, targets, where=where, chunk_size=CHUNK, softcap=6.0)
+    if teacher == "none":
+      divergence_values = jnp.zeros_like(cross_entropy)
+    elif teacher == "full" and not top_k:
+      divergence_values = token_level.chunked_divergence(
+          student_hidden, student_embedding, inputs["teacher_hidden"],
+          inputs["teacher_embedding"], loss, where=where, student_softcap=6.0,
+          teacher_softcap=4.0)
+    else:
+      ids, log_probs = teacher_args.get("teacher_top_ids"), teacher_args.get(
+          "teacher_top_log_probs")
+      if ids is None:
+        ids, log_probs = token_level.chunked_top_k(
+            inputs["teacher_hidden"], inputs["teacher_embedding"], top_k,
+            temperature=temperature, chunk_size=CHUNK, softcap=4.0)
+      divergence_values = token_level.top_k_divergence(student_hidden, student_embedding, ids,
+                                                       log_probs, loss, where=where,
+                                                       student_softcap=6.0)
+    total = alpha * divergence_values + (1 - alpha) * cross_entropy
+    return jnp.sum(jnp.where(where, weights * total, 0.0))
+
+  args = (inputs["student_hidden"], inputs["student_embedding"])
+  got_value, got_grads = jax.jit(jax.value_and_grad(fused, (0, 1)))(*args)
+  want_value, want_grads = jax.value_and_grad(reference, (0, 1))(*args)
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-5, atol=1e-6)
+  for got, want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_ignores_masked_positions():
+  inputs = _inputs(13)
+  targets = jnp.zeros((TOKENS,), jnp.int32)
+  weights = jnp.where(jnp.arange(TOKENS) < 6, 1.0 / 6, 0.0)
+  spec = token_level.FusedLossSpec(loss=token_level.TokenDistillationLoss(), alpha=0.5,
+                                   teacher="full", token_chunk_size=4)
+  poisoned = jnp.where((weights > 0)[:, None], inputs["student_hidden"], jnp.nan)
+
+  def total(student_hidden):
+    return token_level.fused_token_loss(student_hidden, inputs["student_embedding"], targets,
+                                        weights, spec, teacher_hidden=inputs["teacher_hidden"],
+                                        teacher_embedding=inputs["teacher_embedding"])[0]
+
+  clean_value, clean_grad = jax.value_and_grad(total)(inputs["student_hidden"])
+  dirty_value, dirty_grad = jax.value_and_grad(total)(poisoned)
+  assert float(clean_value) == float(dirty_value)
+  np.testing.assert_array_equal(clean_grad, dirty_grad)
+  assert not np.any(np.asarray(clean_grad)[6:])

@@ -27,6 +27,7 @@ Shapes use `tokens` for the flattened `[batch * length]` positions.
 """
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -446,3 +447,171 @@ def vocab_summary(hidden: jax.Array, embedding: jax.Array, *, chunk_size: int = 
   ((running_max, running_sum), best_logit, best_id), _ = jax.lax.scan(
       body, initial, (chunks.embedding, chunks.valid, chunks.offsets))
   return VocabSummary(running_max + jnp.log(running_sum), best_logit, best_id)
+
+
+# --- Token-chunked loss with its gradient computed in the forward pass --------
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLossSpec:
+  """Static settings of `fused_token_loss`.
+
+  Attributes:
+    loss: the divergence, temperature and top-k.
+    alpha: weight of the divergence; `1 - alpha` weighs the cross-entropy.
+    teacher: "full" (teacher hidden states and embedding given), "top_k"
+      (teacher top-k ids and log-probabilities given) or "none".
+    token_chunk_size: token positions per chunk of full-vocabulary logits.
+    student_softcap: final-logit soft cap of the student, or None.
+    teacher_softcap: final-logit soft cap of the teacher, or None.
+  """
+
+  loss: TokenDistillationLoss
+  alpha: float
+  teacher: str
+  token_chunk_size: int = 128
+  student_softcap: float | None = None
+  teacher_softcap: float | None = None
+
+
+def _chunk_objective(student_logits: jax.Array, chunk: dict[str, jax.Array],
+                     teacher_embedding: jax.Array | None, spec: FusedLossSpec):
+  """Return the weighted objective of one token chunk and its per-token (divergence, CE)."""
+  loss = spec.loss
+  temperature = float(loss.temperature)
+  logits = soft_cap(student_logits, spec.student_softcap)
+  log_q = jax.nn.log_softmax(logits / temperature, axis=-1)
+  log_q_unit = log_q if temperature == 1.0 else jax.nn.log_softmax(logits, axis=-1)
+  cross_entropy = -jnp.take_along_axis(log_q_unit, chunk["targets"][:, None], axis=-1)[:, 0]
+
+  divergence = jnp.zeros_like(cross_entropy)
+  if spec.teacher == "full":
+    teacher_logits = jnp.einsum("nd,vd->nv", chunk["teacher_hidden"], teacher_embedding,
+                                preferred_element_type=jnp.float32)
+    log_p = jax.nn.log_softmax(soft_cap(teacher_logits, spec.teacher_softcap) / temperature,
+                               axis=-1)
+    if loss.top_k:
+      top_log_p, top_ids = jax.lax.top_k(log_p, loss.top_k)
+      student_top = jnp.take_along_axis(log_q, top_ids, axis=-1)
+      terms = divergence_terms(with_tail_bucket(top_log_p), with_tail_bucket(student_top),
+                               loss.divergence, loss.beta)
+    else:
+      terms = divergence_terms(log_p, log_q, loss.divergence, loss.beta)
+    divergence = jnp.sum(terms, axis=-1) * loss.scale
+  elif spec.teacher == "top_k":
+    student_top = jnp.take_along_axis(log_q, chunk["teacher_top_ids"], axis=-1)
+    terms = divergence_terms(with_tail_bucket(chunk["teacher_top_log_probs"]),
+                             with_tail_bucket(student_top), loss.divergence, loss.beta)
+    divergence = jnp.sum(terms, axis=-1) * loss.scale
+
+  per_token = spec.alpha * divergence + (1.0 - spec.alpha) * cross_entropy
+  weights = chunk["weights"]
+  objective = jnp.sum(jnp.where(weights != 0, weights * per_token, 0.0))
+  return objective, (divergence, cross_entropy)
+
+
+def _fused_forward(spec: FusedLossSpec, student_hidden, student_embedding, targets, weights,
+                   teacher_hidden, teacher_embedding, teacher_top_ids, teacher_top_log_probs):
+  """Scan over token chunks; return the objective, per-token terms and both gradients."""
+  tokens, d_student = student_hidden.shape
+  chunk_size = min(spec.token_chunk_size, tokens)
+  num_chunks = -(-tokens // chunk_size)
+  padding = num_chunks * chunk_size - tokens
+
+  kept = weights != 0
+  inputs = {"hidden": jnp.where(kept[:, None], student_hidden, 0.0), "targets": targets,
+            "weights": weights}
+  if spec.teacher == "full":
+    inputs["teacher_hidden"] = jax.lax.stop_gradient(
+        jnp.where(kept[:, None], teacher_hidden, 0.0))
+  elif spec.teacher == "top_k":
+    inputs["teacher_top_ids"] = teacher_top_ids
+    inputs["teacher_top_log_probs"] = jax.lax.stop_gradient(
+        jnp.where(kept[:, None], teacher_top_log_probs.astype(jnp.float32), 0.0))
+  chunks = {name: jnp.pad(value, [(0, padding)] + [(0, 0)] * (value.ndim - 1)).reshape(
+      (num_chunks, chunk_size) + value.shape[1:]) for name, value in inputs.items()}
+  if teacher_embedding is not None:
+    teacher_embedding = jax.lax.stop_gradient(teacher_embedding)
+
+  def body(embedding_grad, chunk):
+    hidden = chunk["hidden"]
+    logits = jnp.einsum("nd,vd->nv", hidden, student_embedding,
+                        preferred_element_type=jnp.float32)
+    objective, vjp_fn, (divergence, cross_entropy) = jax.vjp(
+        lambda z: _chunk_objective(z, chunk, teacher_embedding, spec), logits, has_aux=True)
+    (logits_grad,) = vjp_fn(jnp.ones_like(objective))
+    logits_grad = logits_grad.astype(student_embedding.dtype)
+    hidden_grad = logits_grad @ student_embedding
+    embedding_grad = embedding_grad + jnp.einsum("nv,nd->vd", logits_grad, hidden)
+    return embedding_grad, (objective, hidden_grad, divergence, cross_entropy)
+
+  embedding_grad, (objectives, hidden_grad, divergence, cross_entropy) = jax.lax.scan(
+      body, jnp.zeros_like(student_embedding), chunks)
+  unpad = lambda x: x.reshape((num_chunks * chunk_size,) + x.shape[2:])[:tokens]
+  hidden_grad = jnp.where(kept[:, None], unpad(hidden_grad), 0.0).reshape(tokens, d_student)
+  return (jnp.sum(objectives), unpad(divergence), unpad(cross_entropy)), (hidden_grad,
+                                                                           embedding_grad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(spec, student_hidden, student_embedding, targets, weights, teacher_hidden,
+           teacher_embedding, teacher_top_ids, teacher_top_log_probs):
+  outputs, _ = _fused_forward(spec, student_hidden, student_embedding, targets, weights,
+                              teacher_hidden, teacher_embedding, teacher_top_ids,
+                              teacher_top_log_probs)
+  return outputs
+
+
+def _fused_fwd(spec, *args):
+  outputs, grads = _fused_forward(spec, *args)
+  return outputs, grads
+
+
+def _fused_bwd(spec, grads, cotangents):
+  del spec
+  hidden_grad, embedding_grad = grads
+  objective_cotangent = cotangents[0]
+  return (hidden_grad * objective_cotangent, embedding_grad * objective_cotangent,
+          None, None, None, None, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_token_loss(student_hidden: jax.Array, student_embedding: jax.Array,
+                     targets: jax.Array, weights: jax.Array, spec: FusedLossSpec, *,
+                     teacher_hidden: jax.Array | None = None,
+                     teacher_embedding: jax.Array | None = None,
+                     teacher_top_ids: jax.Array | None = None,
+                     teacher_top_log_probs: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Return `sum(weights * (alpha * divergence + (1 - alpha) * CE))` and the per-token terms.
+
+  The positions are split into chunks of `spec.token_chunk_size`, and each
+  chunk's full-vocabulary logits `[chunk, vocab]` are built once: the
+  forward pass also computes the gradient with respect to those logits and
+  turns it into the gradients of `student_hidden` and `student_embedding`,
+  which the backward pass only scales. The student's output projection so
+  costs three matrix products per chunk (logits and two gradients) and the
+  teacher's one, against four and two for the vocabulary-chunked losses,
+  whose backward pass recomputes logits. Memory grows with
+  `token_chunk_size * vocab` instead of `tokens * vocab`.
+
+  Only the objective is differentiable; the per-token divergence and
+  cross-entropy `[tokens]` are for metrics. Positions with weight 0 give 0
+  and no gradient.
+
+  Args:
+    student_hidden: `[tokens, d_student]` final student hidden states.
+    student_embedding: `[vocab, d_student]` student output embedding.
+    targets: `[tokens]` next-token ids for the cross-entropy.
+    weights: `[tokens]` weight of each position, for example the loss mask
+      divided by the number of target tokens.
+    spec: the static settings.
+    teacher_hidden: `[tokens, d_teacher]`, with `spec.teacher == "full"`.
+    teacher_embedding: `[vocab, d_teacher]`, with `spec.teacher == "full"`.
+    teacher_top_ids: `[tokens, k]`, with `spec.teacher == "top_k"`.
+    teacher_top_log_probs: `[tokens, k]`, with `spec.teacher == "top_k"`.
+  """
+  return _fused(spec, student_hidden, student_embedding, targets, weights, teacher_hidden,
+                teacher_embedding, teacher_top_ids, teacher_top_log_probs)

@@ -325,11 +325,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     nnx.update(model, jax.tree.map(jnp.copy, initial_student))
     return model
 
+  token_chunk_size = int(distill_config["token_chunk_size"])
   distill_step = functools.partial(
       lm_steps.lm_train_step, teacher_graphdef=teacher.graphdef if mode == "online" else None,
       step_config=lm_steps.LMStepConfig(mode=mode, loss=loss,
                                         alpha=float(distill_config["alpha"]),
-                                        vocab_size=vocab_size))
+                                        vocab_size=vocab_size,
+                                        token_chunk_size=token_chunk_size))
   distilled = loop.run_stage("distill", model=student_copy(),
                              teacher=teacher if mode == "online" else None,
                              step_fn=distill_step, **stage_args)
@@ -340,7 +342,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     baseline_step = functools.partial(
         lm_steps.lm_train_step, teacher_graphdef=None,
         step_config=lm_steps.LMStepConfig(mode="cross_entropy", loss=loss, alpha=0.0,
-                                          vocab_size=vocab_size))
+                                          vocab_size=vocab_size,
+                                          token_chunk_size=token_chunk_size))
     baseline_args = dict(stage_args, make_train_iterator=_train_iterator_factory(
         packing.PackedSource(data.train, name=data.name), config["data"]))
     baseline = loop.run_stage("baseline", model=student_copy(), step_fn=baseline_step,

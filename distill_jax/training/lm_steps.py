@@ -46,12 +46,15 @@ class LMStepConfig:
       on the data's next tokens.
     vocab_size: vocabulary rows the teacher and student share; logits past it
       are padding rows and are left out.
+    token_chunk_size: positions per chunk of full-vocabulary logits for
+      `token_level.fused_token_loss`, or 0 for the vocabulary-chunked losses.
   """
 
   mode: str
   loss: token_level.TokenDistillationLoss
   alpha: float
   vocab_size: int
+  token_chunk_size: int = 0
 
 
 @flax.struct.dataclass
@@ -111,7 +114,7 @@ def lm_train_step(state: TrainState, teacher_params: nnx.State | None,
     teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
     teacher_embedding = jax.lax.stop_gradient(teacher_embedding[:vocab])
     teacher_softcap = teacher_model_config.final_logit_softcap
-    if loss_config.top_k:
+    if loss_config.top_k and not step_config.token_chunk_size:
       top_ids, top_log_probs = token_level.chunked_top_k(
           teacher_hidden, teacher_embedding, loss_config.top_k,
           temperature=loss_config.temperature, chunk_size=loss_config.vocab_chunk_size,
@@ -124,6 +127,8 @@ def lm_train_step(state: TrainState, teacher_params: nnx.State | None,
     hidden, embedding, model_config = final_hidden(student_graphdef, student_params, batch)
     embedding = embedding[:vocab]
     softcap = model_config.final_logit_softcap
+    if step_config.token_chunk_size:
+      return _fused_loss(hidden, embedding, softcap)
     if top_ids is not None and loss_config.temperature == 1.0:
       # One chunked pass gives the student's log-probabilities at the
       # teacher's top-k and at the target token, whose negative is the
@@ -153,6 +158,23 @@ def lm_train_step(state: TrainState, teacher_params: nnx.State | None,
           student_softcap=softcap, teacher_softcap=teacher_softcap)
     total = step_config.alpha * divergence + (1.0 - step_config.alpha) * cross_entropy
     return masked_mean(total, where), (cross_entropy, divergence)
+
+  def _fused_loss(hidden, embedding, softcap):
+    teacher_kind = {"online": "full", "cached": "top_k", "cross_entropy": "none"}[
+        step_config.mode]
+    spec = token_level.FusedLossSpec(
+        loss=loss_config, alpha=step_config.alpha if teacher_kind != "none" else 0.0,
+        teacher=teacher_kind, token_chunk_size=step_config.token_chunk_size,
+        student_softcap=softcap, teacher_softcap=teacher_softcap)
+    weights = where.astype(jnp.float32) / jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)
+    cached = step_config.mode == "cached"
+    objective, divergence, cross_entropy = token_level.fused_token_loss(
+        hidden, embedding, targets, weights, spec,
+        teacher_hidden=teacher_hidden if teacher_kind == "full" else None,
+        teacher_embedding=teacher_embedding if teacher_kind == "full" else None,
+        teacher_top_ids=top_ids if cached else None,
+        teacher_top_log_probs=top_log_probs if cached else None)
+    return objective, (cross_entropy, divergence)
 
   (loss, (cross_entropy, divergence)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)

@@ -172,6 +172,7 @@ def validate_language_model_config(config: Mapping[str, Any]) -> None:
                           vocab_chunk_size=distill["vocab_chunk_size"])
   except ConfigError as error:
     raise ConfigError(f"config.distill: {error}") from None
+  _require_int("distill.token_chunk_size", distill["token_chunk_size"], 0)
   _require_float("distill.alpha", distill["alpha"], minimum=0.0, inclusive=True)
   if distill["alpha"] > 1:
     raise ConfigError(f"config.distill.alpha must be in [0, 1], got {distill['alpha']!r}")
