@@ -7,8 +7,10 @@ outputs and temporaries, from `memory_analysis()`), for:
 
 - the unchunked loss: full `[tokens, vocab]` float32 logits of both models,
   then `distill_jax.losses.forward_kl`;
-- the chunked loss, `distill_jax.losses.token_level.chunked_divergence`;
-- the top-k loss with the teacher's top-k computed chunk by chunk.
+- the vocabulary-chunked loss, `token_level.chunked_divergence`;
+- the top-k loss with the teacher's top-k computed chunk by chunk;
+- the position-chunked loss, `token_level.fused_token_loss`, which the
+  language-model recipe uses by default.
 
 Nothing is executed, so the unchunked case can be measured at sizes that do
 not fit in memory. Run it on the CPU:
@@ -38,6 +40,8 @@ def main():
   parser.add_argument("--d-teacher", type=int, default=640, help="teacher width")
   parser.add_argument("--chunk", type=int, default=8192, help="vocabulary chunk size")
   parser.add_argument("--top-k", type=int, default=64, help="k of the top-k loss")
+  parser.add_argument("--token-chunk", type=int, default=128,
+                      help="positions per chunk of the position-chunked loss")
   parser.add_argument("--temperature", type=float, default=2.0)
   args = parser.parse_args()
 
@@ -70,17 +74,28 @@ def main():
     return jnp.mean(token_level.top_k_divergence(
         student["student_hidden"], student["student_embedding"], ids, log_probs, top_k_loss))
 
+  fused_spec = token_level.FusedLossSpec(loss=loss, alpha=1.0, teacher="full",
+                                         token_chunk_size=args.token_chunk)
+
+  def fused(student, teacher):
+    tokens = student["student_hidden"].shape[0]
+    return token_level.fused_token_loss(
+        student["student_hidden"], student["student_embedding"],
+        jnp.zeros((tokens,), jnp.int32), jnp.full((tokens,), 1.0 / tokens), fused_spec,
+        teacher_hidden=teacher["teacher_hidden"],
+        teacher_embedding=teacher["teacher_embedding"])[0]
+
   student = {name: shapes[name] for name in ("student_hidden", "student_embedding")}
   teacher = {name: shapes[name] for name in ("teacher_hidden", "teacher_embedding")}
   print(f"vocab {args.vocab}, {args.tokens} tokens, student width {args.d_student}, teacher "
         f"width {args.d_teacher}, chunk {args.chunk}, backend {jax.default_backend()}")
 
   results = {}
-  for name, fn in (("unchunked", unchunked), ("chunked", chunked),
-                   (f"top-{args.top_k}", top_k)):
+  for name, fn in (("unchunked", unchunked), ("vocabulary chunks", chunked),
+                   (f"top-{args.top_k}", top_k), ("position chunks", fused)):
     results[name] = forward_peak_memory_bytes(jax.value_and_grad(fn), student, teacher)
     ratio = results[name] / results["unchunked"]
-    print(f"{name:>10}: {results[name] / _GIB:7.2f} GiB  ({ratio:.1%} of unchunked)")
+    print(f"{name:>17}: {results[name] / _GIB:7.2f} GiB  ({ratio:.1%} of unchunked)")
 
 
 if __name__ == "__main__":

@@ -588,7 +588,7 @@ def fused_token_loss(student_hidden: jax.Array, student_embedding: jax.Array,
   """Return `sum(weights * (alpha * divergence + (1 - alpha) * CE))` and the per-token terms.
 
   The positions are split into chunks of `spec.token_chunk_size`, and each
-  chunk's full-vocabulary logits `[chunk, vocab]` are built once: the
+  chunk's full-vocabulary logits `[chunk, vocab]` are built once. The
   forward pass also computes the gradient with respect to those logits and
   turns it into the gradients of `student_hidden` and `student_embedding`,
   which the backward pass only scales. The student's output projection so
