@@ -123,6 +123,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       "dir": "",
       "batch_size": 4,
       "rows_per_shard": 1024,
+      # Write (or verify) the cache, then stop without training.
+      "only": False,
   })
   config.run_baseline = True
 

@@ -142,6 +142,9 @@ def main(argv: list[str]) -> None:
           "its latest checkpoint", file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
 
+  if "teacher_cache" in report and "models" not in report:
+    print(f"teacher cache ready in {report['teacher_cache']}")
+    return
   models = report["models"]
   if config.get("task") == "language_model":
     summary = ", ".join(f"{name} {entry['perplexity']:.2f}" for name, entry in models.items())

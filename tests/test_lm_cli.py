@@ -118,3 +118,15 @@ def test_lm_limits_checked_against_teacher(flag, expected, tmp_path):
   lines = result.stderr.strip().splitlines()
   assert expected in lines[-1]
   assert "Traceback" not in result.stderr
+
+
+def test_cache_only_run_stops_before_training(tmp_path):
+  workdir = tmp_path / "cache_only"
+  result = run_cli(f"--config={RECIPE}:tiny", f"--workdir={workdir}",
+                   f"--config.data.data_dir={tmp_path / 'tfds'}",
+                   "--config.teacher_cache.only=true")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"teacher cache ready in {workdir / 'teacher_cache'}" in result.stdout
+  assert (workdir / "teacher_cache" / "manifest.json").exists()
+  assert not (workdir / "checkpoints").exists()
+  assert not (workdir / "report.json").exists()

@@ -262,7 +262,11 @@ def _train_iterator_factory(source, data_config):
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-  """Run every stage of the language-model recipe in `workdir`; return the report."""
+  """Run every stage of the language-model recipe in `workdir`; return the report.
+
+  With `teacher_cache.only`, stop once the teacher cache is written or
+  verified and return `{"teacher_cache": directory, "timings": ...}`.
+  """
   started = time.perf_counter()
   workdir = workdir_lib.prepare_workdir(
       workdir, config.to_json_best_effort(indent=2, sort_keys=True),
@@ -309,6 +313,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     else:
       logging.info("reusing the teacher cache in %s (%d rows)", cache.directory, len(cache))
     train_source = packing.PackedSource(data.train, name=data.name, teacher_cache=cache)
+    if config["teacher_cache"]["only"]:
+      logging.info("the teacher cache in %s is complete; stopping before training because "
+                   "teacher_cache.only is set", cache.directory)
+      return {"teacher_cache": cache.directory, "timings": timings}
 
   validation = ValidationSet(data, int(config["data"]["eval_batch_size"]), mesh, teacher,
                              vocab_size, loss.vocab_chunk_size)

@@ -176,6 +176,9 @@ def validate_language_model_config(config: Mapping[str, Any]) -> None:
   _require_float("distill.alpha", distill["alpha"], minimum=0.0, inclusive=True)
   if distill["alpha"] > 1:
     raise ConfigError(f"config.distill.alpha must be in [0, 1], got {distill['alpha']!r}")
+  if config["teacher_cache"]["only"] and distill["source"] != "cache":
+    raise ConfigError("config.teacher_cache.only is set but config.distill.source is "
+                      f"{distill['source']!r}; set config.distill.source='cache'")
   if distill["source"] == "cache" and distill["top_k"] < 1:
     raise ConfigError("config.distill.source='cache' stores the teacher's top-k; set "
                       "config.distill.top_k >= 1 or use source='online'")

@@ -24,6 +24,7 @@ RESUMABLE_KEYS = (
     "data.data_dir",
     "data.worker_count",
     "data.eval_batch_size",
+    "teacher_cache.only",
 )
 
 
