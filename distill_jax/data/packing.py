@@ -2,7 +2,7 @@
 
 Each record becomes `[bos] + prompt + completion + [eos]`. In a row of
 `seq_len` positions, position `t` has input token `tokens[t]` and the next
-token `targets[t]`; `loss_mask[t]` is True when that target belongs to the
+token `targets[t]`. `loss_mask[t]` is True when that target belongs to the
 completion (or the EOS after it), so prompt and padding never enter a loss.
 Records are packed greedily in order: a record starts a new row when it does
 not fit in the space left. `segment_ids` number the records of a row from 1

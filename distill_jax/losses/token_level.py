@@ -128,7 +128,7 @@ def divergence_terms(log_p: jax.Array, log_q: jax.Array, divergence: str,
 
 
 class VocabChunks(NamedTuple):
-  """An embedding table split into equal chunks of rows.
+  """Chunks of equal row count of an embedding table.
 
   Attributes:
     embedding: `[num_chunks, chunk, d_model]`, zero-padded at the end.

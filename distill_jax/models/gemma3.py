@@ -49,7 +49,7 @@ class Gemma3Config:
     attn_logit_softcap: soft cap of attention scores, or None.
     final_logit_softcap: soft cap of output logits, or None.
     rms_norm_eps: epsilon inside every RMSNorm.
-    max_seq_len: longest sequence the model was trained for.
+    max_seq_len: maximum sequence length the model was trained for.
   """
 
   vocab_size: int
