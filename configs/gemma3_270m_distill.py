@@ -129,6 +129,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.run_baseline = True
 
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # A step whose loss, gradient or updated parameters hold NaN or Inf is never
+  # applied. "halt" stops the run at the next log or checkpoint step and writes
+  # WORKDIR/nonfinite_STAGE.json; "skip" goes on and counts the dropped steps.
+  config.nonfinite_policy = "halt"
   config.log_every_steps = 10
   config.eval_every_steps = 30
   config.checkpoint = ml_collections.ConfigDict({

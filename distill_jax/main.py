@@ -4,8 +4,9 @@ r"""Command line of distill_jax: flags -> config -> run.
         [--config.student.train.steps=3000 ...]
 
 Rerunning the same command with the same workdir resumes every stage from its
-latest checkpoint. Invalid input is reported in one line on stderr with exit
-code 2.
+latest checkpoint. SIGTERM or Ctrl-C stops the run after the current step with
+a checkpoint saved and exit code 0; a second one exits at once with code 130.
+Invalid input is reported in one line on stderr with exit code 2.
 """
 
 import os
@@ -32,6 +33,14 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for checkpoints, TensorBoard logs and the report; rerunning with the same "
     "directory resumes the run.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", "~/.cache/distill_jax/xla",
+    "Directory of JAX's persistent compilation cache, so that a resumed or repeated run "
+    "skips compiling the programs it has compiled before; empty disables it.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "Delete the run already in --workdir (its checkpoints, logs, report and teacher cache) "
+    "when its config differs from this one, and start over.")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -115,27 +124,50 @@ def _load_config() -> ml_collections.ConfigDict:
                    "a ConfigDict from get_config()")
 
 
+# Cap of the compilation cache; JAX evicts the least recently used programs beyond it.
+_COMPILATION_CACHE_BYTES = 2 * 1024**3
+
+
+def _enable_compilation_cache() -> None:
+  """Point JAX's persistent compilation cache at --compilation_cache_dir, unless set by JAX_*."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not _COMPILATION_CACHE.value:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
+  # Cache every program: the many small ones of model set-up add up to seconds.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_compilation_cache_max_size", _COMPILATION_CACHE_BYTES)
+
+
 def main(argv: list[str]) -> None:
   del argv
   # Imported here so that `--help` and flag errors come back without loading JAX.
   from distill_jax.training import classification_kd
+  from distill_jax.training import preemption
   from distill_jax.training import validation
 
   logging.get_absl_handler().addFilter(_drop_library_info)
   # JAX logs backend probing (for instance a missing TPU library) through its own handler.
   python_logging.getLogger("jax").setLevel(python_logging.WARNING)
   config = _load_config()
+  _enable_compilation_cache()
   try:
-    if config.get("task") == "language_model":
-      from distill_jax.training import lm_distill  # pylint: disable=g-import-not-at-top
+    with preemption.handle_stop_signals():
+      if config.get("task") == "language_model":
+        from distill_jax.training import lm_distill  # pylint: disable=g-import-not-at-top
 
-      validation.validate_language_model_config(config)
-      report = lm_distill.run(config, _WORKDIR.value)
-    else:
-      validation.validate_config(config)
-      report = classification_kd.run(config, _WORKDIR.value)
+        validation.validate_language_model_config(config)
+        report = lm_distill.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
+      else:
+        validation.validate_config(config)
+        report = classification_kd.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except UserInputError as error:
     _exit_with_error(str(error))
+  except preemption.RunStopped as stopped:
+    logging.warning("%s", stopped)
+    print(f"distill-jax: {stopped}; rerun the same command to resume", file=sys.stderr)
+    sys.exit(0)
   except KeyboardInterrupt:
     # Each stage waits for its pending checkpoint save before this point.
     print(f"distill-jax: interrupted; rerun the same command to resume {_WORKDIR.value} from "
@@ -160,7 +192,7 @@ def run_cli() -> None:
   """Entry point of the `distill-jax` console script and of `python -m distill_jax.main`."""
   # absl's --help lists the flags of the module named by sys.argv[0], which is
   # the console script's wrapper rather than this module.
-  for name in ("config", "workdir"):
+  for name in ("config", "workdir", "overwrite", "compilation_cache_dir"):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   app.run(main, flags_parser=parse_flags)
 

@@ -7,6 +7,9 @@ into a student's checkpoint: the distillation stage reloads the teacher from
 the teacher stage's own directory.
 """
 
+from collections.abc import Iterator
+import contextlib
+import errno
 import os
 from typing import Any
 
@@ -15,10 +18,38 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from distill_jax.checkpoints import integrity
+from distill_jax.errors import UserInputError
+
+
+class CheckpointWriteError(UserInputError):
+  """A checkpoint that could not be written: disk full, read-only or no permission."""
+
+
+class NonFiniteStateError(UserInputError):
+  """A train state holding NaN or Inf, which is never written to a checkpoint."""
+
+
+class CorruptCheckpointError(Exception):
+  """A checkpoint that cannot be read back, or whose arrays changed since the save."""
+
 
 def _abstract(tree: Any) -> Any:
   """Shapes, dtypes and shardings of `tree`, the restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _write_failure_reason(error: BaseException) -> str | None:
+  """Return why a save failed when the cause is the file system, else None."""
+  if isinstance(error, OSError) and error.errno is not None:
+    return os.strerror(error.errno)
+  text = str(error)
+  for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG):
+    if os.strerror(code) in text:
+      return os.strerror(code)
+  if error.__cause__ is not None:
+    return _write_failure_reason(error.__cause__)
+  return None
 
 
 class StageCheckpointer:
@@ -27,6 +58,10 @@ class StageCheckpointer:
   Saves run in a background thread when `async_save` is set. Call `close()`,
   or use the object as a context manager, before the process exits, because
   `close()` waits for the last save to finish.
+
+  Each checkpoint also stores a checksum of every array of the state. A
+  checkpoint that cannot be read back, or whose checksums no longer match, is
+  moved to DIRECTORY_skipped/STEP and the previous one is restored instead.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool):
@@ -45,32 +80,127 @@ class StageCheckpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None) -> None:
-    """Start saving `state` (and the iterator's position) as checkpoint `step`."""
-    items = {"state": ocp.args.StandardSave(state)}
+    """Start saving `state` (and the iterator's position) as checkpoint `step`.
+
+    Raises:
+      NonFiniteStateError: if any array of `state` holds NaN or Inf; nothing
+        is written then.
+      CheckpointWriteError: if this save or the previous asynchronous one
+        failed to write, for instance on a full disk.
+    """
+    checksums, finite = integrity.summarize(state)
+    if not finite:
+      bad = integrity.nonfinite_leaves(state)
+      raise NonFiniteStateError(
+          f"the state of step {step} holds NaN or Inf in {', '.join(bad[:3])}, so it was not "
+          f"saved; {self._newest_on_disk()} in {self.directory}")
+    items = {"state": ocp.args.StandardSave(state),
+             "integrity": ocp.args.JsonSave({"step": step, "checksums": checksums})}
     if data_iterator is not None:
       items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._write_errors(step):
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("saving checkpoint of step %d to %s", step, self.directory)
+
+  def _newest_on_disk(self) -> str:
+    """Describe the newest committed checkpoint, read from the directory listing."""
+    steps = [int(name) for name in os.listdir(self.directory) if name.isdigit()]
+    return (f"the checkpoint of step {max(steps)} is the newest intact one" if steps
+            else "no earlier checkpoint exists")
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None) -> Iterator[None]:
+    """Turn a file-system failure while saving into a one-line `CheckpointWriteError`."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except
+      reason = _write_failure_reason(error)
+      if reason is None:
+        raise
+      at_step = f" at step {step}" if step is not None else ""
+      raise CheckpointWriteError(
+          f"saving a checkpoint to {self.directory} failed{at_step}: {reason}; "
+          f"{self._newest_on_disk()}. Free space or fix permissions, then rerun the same "
+          "command to resume") from None
 
   def restore(self, step: int, target_state: Any,
               data_iterator: grain.DatasetIterator | None) -> Any:
     """Restore checkpoint `step` into the structure and shardings of `target_state`.
 
     The data iterator, when given, is moved in place to its saved position.
+
+    Raises:
+      CorruptCheckpointError: if the checkpoint cannot be read or its arrays'
+        checksums differ from those recorded at save time.
     """
-    items = {"state": ocp.args.StandardRestore(_abstract(target_state))}
+    items = {"state": ocp.args.StandardRestore(_abstract(target_state)),
+             "integrity": ocp.args.JsonRestore()}
     if data_iterator is not None:
       items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    # A damaged checkpoint fails inside Orbax, TensorStore, Grain or the JSON
+    # decoder with errors of many types; each means the same: unreadable.
+    except Exception as error:  # pylint: disable=broad-except
+      reason = " ".join(f"{type(error).__name__}: {error}".split())
+      raise CorruptCheckpointError(f"cannot be read ({reason[:300]})") from error
+
+    recorded = restored["integrity"]["checksums"]
+    checksums, _ = integrity.summarize(restored["state"])
+    mismatched = integrity.mismatched_leaves(recorded, checksums)
+    if mismatched:
+      raise CorruptCheckpointError(
+          f"the checksums of {len(mismatched)} array(s) differ from those saved, first "
+          f"{mismatched[0]}")
     logging.info("restored step %d from %s", step, self.directory)
     return restored["state"]
 
+  def restore_latest(self, target_state: Any, data_iterator: grain.DatasetIterator | None
+                     ) -> tuple[Any, int] | None:
+    """Restore the newest intact checkpoint, skipping damaged ones.
+
+    A skipped checkpoint is logged with its reason and moved out of the way,
+    so that the steps after it can be saved again.
+
+    Returns:
+      (state, step) of the newest checkpoint that restored, or None if there
+      is none. After None the data iterator may have moved, so callers
+      should build a fresh one.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.restore(step, target_state, data_iterator), step
+      except CorruptCheckpointError as error:
+        moved_to = self._move_aside(step)
+        logging.warning("skipped the checkpoint of step %d in %s: it %s; moved it to %s and "
+                        "trying the previous one", step, self.directory, error, moved_to)
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Move the directory of checkpoint `step` to DIRECTORY_skipped; return the new path."""
+    # NOTE: in a multi-process run every process moves the directory; only
+    # single-process runs are tested.
+    skipped_root = self.directory + "_skipped"
+    os.makedirs(skipped_root, exist_ok=True)
+    target = os.path.join(skipped_root, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(skipped_root, f"{step}-{suffix}")
+      suffix += 1
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
+
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Block until the pending save is on disk; raises `CheckpointWriteError` if it failed."""
+    with self._write_errors(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> "StageCheckpointer":
     return self

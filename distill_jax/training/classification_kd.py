@@ -106,12 +106,15 @@ def _model_entry(result: loop.StageResult, test_metrics: Mapping[str, float],
   return entry
 
 
-def run(config: Any, workdir: str) -> dict[str, Any]:
-  """Run all stages of the recipe in `workdir` and write the report; returns it."""
+def run(config: Any, workdir: str, overwrite: bool = False) -> dict[str, Any]:
+  """Run all stages of the recipe in `workdir` and write the report; returns it.
+
+  With `overwrite`, a run of a different config found in `workdir` is deleted first.
+  """
   started = time.perf_counter()
   workdir = workdir_lib.prepare_workdir(
       workdir, config.to_json_best_effort(indent=2, sort_keys=True),
-      write=jax.process_index() == 0)
+      write=jax.process_index() == 0, overwrite=overwrite)
 
   mesh = parallel.make_mesh(config["mesh"])
   data_config = config["data"]

@@ -44,6 +44,7 @@ from distill_jax.models import gemma3
 from distill_jax.models import student_init
 from distill_jax.training import lm_steps
 from distill_jax.training import loop
+from distill_jax.training import preemption
 from distill_jax.training import workdir as workdir_lib
 
 # Student config keys that map onto `Gemma3Config` fields.
@@ -205,12 +206,20 @@ def write_teacher_cache(config: Mapping[str, Any], directory: str, spec: cache_l
     ids, log_probs = np.asarray(ids).reshape(shape), np.asarray(log_probs).reshape(shape)
     return ids[:len(indices)], log_probs[:len(indices)]
 
+  def batches_until_stopped():
+    for first_row, indices in _batches_of_rows(spec.rows, batch_size):
+      signal_name = preemption.stop_requested()
+      if signal_name is not None:
+        raise preemption.RunStopped(
+            f"stopped writing the teacher cache at row {first_row} of {spec.rows} after "
+            f"{signal_name}; the next run writes it again from the start")
+      yield first_row, indices
+
   # NOTE: every process writes the whole cache; on a multi-host run point
   # teacher_cache.dir at a per-host directory or a cache written beforehand.
   logging.info("writing the teacher cache to %s: %d rows, top-%d at temperature %g", directory,
                spec.rows, spec.top_k, spec.temperature)
-  return cache_lib.write_teacher_cache(directory, spec,
-                                       _batches_of_rows(spec.rows, batch_size), compute_top_k,
+  return cache_lib.write_teacher_cache(directory, spec, batches_until_stopped(), compute_top_k,
                                        rows_per_shard=int(config["teacher_cache"]["rows_per_shard"]))
 
 
@@ -261,16 +270,17 @@ def _train_iterator_factory(source, data_config):
   return make_train_iterator
 
 
-def run(config: Any, workdir: str) -> dict[str, Any]:
+def run(config: Any, workdir: str, overwrite: bool = False) -> dict[str, Any]:
   """Run every stage of the language-model recipe in `workdir`; return the report.
 
   With `teacher_cache.only`, stop once the teacher cache is written or
-  verified and return `{"teacher_cache": directory, "timings": ...}`.
+  verified and return `{"teacher_cache": directory, "timings": ...}`. With
+  `overwrite`, a run of a different config found in `workdir` is deleted first.
   """
   started = time.perf_counter()
   workdir = workdir_lib.prepare_workdir(
       workdir, config.to_json_best_effort(indent=2, sort_keys=True),
-      write=jax.process_index() == 0)
+      write=jax.process_index() == 0, overwrite=overwrite)
   mesh = parallel.make_mesh(config["mesh"])
 
   # Every check that needs no weights runs before the teacher is loaded.

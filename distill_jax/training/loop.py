@@ -17,16 +17,15 @@ from flax import nnx
 
 from distill_jax import parallel
 from distill_jax.checkpoints import StageCheckpointer
-from distill_jax.errors import UserInputError
 from distill_jax.evaluation import add_sums, finalize_sums
 from distill_jax.losses import DistillationLoss
+from distill_jax.training import nonfinite
+from distill_jax.training import preemption
 from distill_jax.training import state as state_lib
 from distill_jax.training import steps
 from distill_jax.training.metrics import namespaced
 
-
-class NonFiniteLossError(UserInputError):
-  """Raised when a step's loss or gradient is NaN or Inf."""
+NonFiniteLossError = nonfinite.NonFiniteLossError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +170,8 @@ class StageTrainer:
     self.log_every = int(config["log_every_steps"])
     self.eval_every = int(config["eval_every_steps"])
     self.checkpoint_every = int(config["checkpoint"]["every_steps"])
+    self.nonfinite_policy = config.get("nonfinite_policy", "halt")
+    self.workdir = workdir
     seed = stage_seed(int(config["seed"]), name)
 
     self.graphdef, initial_params = nnx.split(model, nnx.Param)
@@ -199,7 +200,8 @@ class StageTrainer:
     )
     self.rng = jax.device_put(jax.random.key(seed), replicated)
 
-    self.data_iterator = make_train_iterator(self.batch_size, seed)
+    self._make_data_iterator = functools.partial(make_train_iterator, self.batch_size, seed)
+    self.data_iterator = self._make_data_iterator()
     checkpoint_config = config["checkpoint"]
     self.checkpointer = StageCheckpointer(os.path.join(workdir, "checkpoints", name),
                                           max_to_keep=int(checkpoint_config["max_to_keep"]),
@@ -214,15 +216,23 @@ class StageTrainer:
     # before the restored step, read back from the evaluation history.
     self.earlier_train_seconds = 0.0
     self._train_started: float | None = None
+    self._reported_skips = 0
 
   def restore(self) -> int:
-    """Restore the latest checkpoint of this stage, if any; returns the step to start at."""
+    """Restore the newest intact checkpoint of this stage, if any; returns the step to start at."""
     start_step = 0
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      self.state = self.checkpointer.restore(latest, self.state, self.data_iterator)
+    had_checkpoints = self.checkpointer.latest_step() is not None
+    restored = self.checkpointer.restore_latest(self.state, self.data_iterator)
+    if restored is not None:
+      self.state, _ = restored
       start_step = int(jax.device_get(self.state.step))
+      self._reported_skips = int(jax.device_get(self.state.skipped_steps))
       logging.info("%s: resuming at step %d of %d", self.name, start_step, self.total_steps)
+    elif had_checkpoints:
+      # A failed restore may have moved the iterator; start the data over.
+      self.data_iterator = self._make_data_iterator()
+      logging.warning("%s: no intact checkpoint is left in %s; starting from step 0", self.name,
+                      self.checkpointer.directory)
     self.history.truncate(start_step)
     if self.history.records:
       self.earlier_train_seconds = self.history.records[-1].get("train_seconds", 0.0)
@@ -251,17 +261,42 @@ class StageTrainer:
     self.history.append(record)
     return record
 
-  def _check_finite(self) -> None:
-    nonfinite_step = int(jax.device_get(self.state.nonfinite_step))
-    if nonfinite_step >= 0:
-      raise NonFiniteLossError(
-          f"{self.name}: the loss or gradient became NaN or Inf at step {nonfinite_step}; "
-          "lower the learning rate or check the inputs (the last checkpoint holds finite "
-          "parameters)")
+  def _check_finite(self, step: int, metrics: Any, interval_first_step: int) -> None:
+    """Apply the non-finite policy to the updates since the last check."""
+    nonfinite_step, cause, skipped = (int(x) for x in jax.device_get(
+        (self.state.nonfinite_step, self.state.nonfinite_cause, self.state.skipped_steps)))
+    if nonfinite_step < 0:
+      return
+    if self.nonfinite_policy == "skip":
+      if skipped > self._reported_skips:
+        logging.warning("%s: dropped %d update(s) with NaN or Inf values up to step %d; the "
+                        "first was step %d (%s)", self.name, skipped, step, nonfinite_step + 1,
+                        ", ".join(nonfinite.cause_names(cause)))
+        self._reported_skips = skipped
+      return
+
+    interval_metrics = ({k: float(v) for k, v in namespaced(metrics.compute()).items()}
+                        if metrics is not None else {})
+    last_checkpoint_step = self.checkpointer.latest_step()
+    path = nonfinite.write_diagnostic(
+        self.workdir, stage=self.name, step=nonfinite_step + 1, detected_at_step=step,
+        cause=cause, skipped_steps=skipped, interval_metrics=interval_metrics,
+        interval_first_step=interval_first_step, last_checkpoint_step=last_checkpoint_step,
+        checkpoint_dir=self.checkpointer.directory)
+    raise NonFiniteLossError(nonfinite.halt_message(self.name, nonfinite_step + 1, cause,
+                                                    last_checkpoint_step, path))
+
+  def _stop_signal(self, step: int) -> str | None:
+    """Return the stop signal to act on after `step`, or None to go on."""
+    if jax.process_count() == 1:
+      return preemption.stop_requested()
+    # Every process must take part, so processes compare notes at log steps only.
+    return preemption.stop_requested_anywhere() if step % self.log_every == 0 else None
 
   def _log_train_metrics(self, step: int, metrics: Any, interval_steps: int,
                          interval_seconds: float) -> None:
     scalars = namespaced({k: float(v) for k, v in metrics.compute().items()})
+    scalars["train/skipped_steps"] = float(jax.device_get(self.state.skipped_steps))
     steps_per_second = interval_steps / max(interval_seconds, 1e-9)
     eta_seconds = (self.total_steps - step) / max(steps_per_second, 1e-9)
     scalars.update({
@@ -291,6 +326,10 @@ class StageTrainer:
     logging.info("%s: training steps %d to %d at batch %d on mesh %s", self.name, start_step,
                  self.total_steps, self.batch_size, dict(self.mesh.shape))
 
+    signal_name = preemption.stop_requested()
+    if signal_name is not None:
+      raise preemption.RunStopped(f"{self.name}: stopped before step {start_step + 1} after "
+                                  f"{signal_name}; no new checkpoint was needed")
     teacher_params = self.teacher.params if self.teacher else None
     metrics = None
     started = interval_start = time.perf_counter()
@@ -303,16 +342,24 @@ class StageTrainer:
       self.progress(step)
 
       is_last = step == end_step
-      if step % self.log_every == 0 or is_last:
-        self._check_finite()
+      signal_name = self._stop_signal(step)
+      should_log = step % self.log_every == 0 or is_last or signal_name is not None
+      should_save = step % self.checkpoint_every == 0 or is_last or signal_name is not None
+      if should_log or should_save:
+        self._check_finite(step, metrics, interval_first_step)
+      if should_log:
         now = time.perf_counter()
         self._log_train_metrics(step, metrics, step - interval_first_step, now - interval_start)
         metrics, interval_start, interval_first_step = None, now, step
       if step % self.eval_every == 0 or is_last:
         self.evaluate(step)
-      if step % self.checkpoint_every == 0 or is_last:
-        self._check_finite()
+      if should_save:
         self.checkpointer.save(step, self.state, self.data_iterator)
+      if signal_name is not None:
+        self.checkpointer.wait_until_finished()
+        raise preemption.RunStopped(
+            f"{self.name}: stopped at step {step} of {self.total_steps} after {signal_name}; "
+            f"the checkpoint of step {step} is saved in {self.checkpointer.directory}")
     self._train_started = None
     return time.perf_counter() - started
 

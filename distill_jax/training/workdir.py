@@ -6,13 +6,21 @@ checkpoints of one config are never resumed under another.
 """
 
 from collections.abc import Mapping
+import glob
 import json
 import os
+import shutil
 from typing import Any
+
+from absl import logging
 
 from distill_jax.errors import UserInputError
 
 CONFIG_FILE = "config.json"
+
+# What a run writes into its workdir; `--overwrite` deletes these and nothing else.
+RUN_ENTRIES = ("checkpoints", "tensorboard", "teacher_cache", CONFIG_FILE, "report.json",
+               "report.md", "*.png", "*_eval_history.jsonl", "nonfinite_*.json")
 
 # Keys that change how a run is logged, checkpointed or measured, but not what
 # it trains; they may differ when a run is resumed.
@@ -25,6 +33,7 @@ RESUMABLE_KEYS = (
     "data.worker_count",
     "data.eval_batch_size",
     "teacher_cache.only",
+    "nonfinite_policy",
 )
 
 
@@ -60,21 +69,38 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
   return differences
 
 
-def prepare_workdir(workdir: str, config_json: str, write: bool = True) -> str:
+def delete_run(workdir: str) -> list[str]:
+  """Delete the files and directories of `RUN_ENTRIES` in `workdir`; return their names."""
+  deleted = []
+  for pattern in RUN_ENTRIES:
+    for path in sorted(glob.glob(os.path.join(glob.escape(workdir), pattern))):
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+      deleted.append(os.path.basename(path))
+  return deleted
+
+
+def prepare_workdir(workdir: str, config_json: str, write: bool = True,
+                    overwrite: bool = False) -> str:
   """Create `workdir` if needed and record the config, or reject an incompatible one.
 
   Args:
     workdir: the run's working directory.
     config_json: the run's config as JSON.
-    write: whether to write config.json; in a multi-process run only process
-      0 writes it.
+    write: whether to write config.json and delete an overwritten run; in a
+      multi-process run only process 0 writes.
+    overwrite: delete a run of a different config found in `workdir` instead
+      of rejecting it. A run of the same config is always resumed.
 
   Returns:
     The absolute path of the workdir.
 
   Raises:
     WorkdirError: if the workdir cannot be created or written, or contains a run
-      whose config differs in a key outside `RESUMABLE_KEYS`.
+      whose config differs in a key outside `RESUMABLE_KEYS` and `overwrite`
+      is not set.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
@@ -94,10 +120,15 @@ def prepare_workdir(workdir: str, config_json: str, write: bool = True) -> str:
     with open(path) as f:
       saved = json.load(f)
     differences = config_differences(saved, current)
-    if differences:
-      listed = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    listed = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    if differences and not overwrite:
       raise WorkdirError(f"--workdir={workdir} contains a run with a different config ({listed}); "
-                         "use a new --workdir, or rerun with the saved config to resume it")
+                         "use a new --workdir, rerun with the saved config to resume it, or add "
+                         "--overwrite to delete it")
+    if differences and write:
+      deleted = delete_run(workdir)
+      logging.warning("--overwrite: deleted the run of a different config (%s) in %s: %s",
+                      listed, workdir, ", ".join(deleted))
 
   if not write:
     return workdir
