@@ -51,8 +51,15 @@ _QUIET_LIBRARIES = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/",
 
 
 def _drop_library_info(record: python_logging.LogRecord) -> bool:
-  return record.levelno >= python_logging.WARNING or not any(
-      part in record.pathname for part in _QUIET_LIBRARIES)
+  """Drop the libraries' INFO records, and the tracebacks of their errors.
+
+  The error that stops the run is printed as one line of its own; a library's
+  error record keeps its message.
+  """
+  from_library = any(part in record.pathname for part in _QUIET_LIBRARIES)
+  if from_library and record.exc_info:
+    record.exc_info, record.exc_text = None, None
+  return record.levelno >= python_logging.WARNING or not from_library
 
 
 def _exit_with_error(message: str) -> None:
@@ -114,6 +121,10 @@ def _load_config() -> ml_collections.ConfigDict:
   config = _CONFIG.value
   if isinstance(config, ml_collections.ConfigDict):
     return config
+  filename = flags.FLAGS["config"].config_filename
+  if not os.path.isfile(filename):
+    _exit_with_error(f"the recipe file {filename!r} does not exist; pass one of configs/*.py, "
+                     "e.g. --config=configs/fashion_mnist_kd.py")
   # On a failed load, config_flags returns an object that raises the error on first use.
   try:
     config.recipe  # pylint: disable=pointless-statement
@@ -142,8 +153,8 @@ def _enable_compilation_cache() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  # Imported here so that `--help` and flag errors come back without loading JAX.
-  from distill_jax.training import classification_kd
+  # Imported here so that `--help` and flag errors come back without loading
+  # JAX, and config errors without loading TensorFlow (for TFDS and TensorBoard).
   from distill_jax.training import preemption
   from distill_jax.training import validation
 
@@ -155,12 +166,14 @@ def main(argv: list[str]) -> None:
   try:
     with preemption.handle_stop_signals():
       if config.get("task") == "language_model":
+        validation.validate_language_model_config(config)
         from distill_jax.training import lm_distill  # pylint: disable=g-import-not-at-top
 
-        validation.validate_language_model_config(config)
         report = lm_distill.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
       else:
         validation.validate_config(config)
+        from distill_jax.training import classification_kd  # pylint: disable=g-import-not-at-top
+
         report = classification_kd.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except UserInputError as error:
     _exit_with_error(str(error))
@@ -188,8 +201,22 @@ def main(argv: list[str]) -> None:
   print(f"test accuracy: {summary}; report in {_WORKDIR.value}/report.md")
 
 
+def _quiet_closed_loop_errors(error_type, error, traceback) -> None:
+  """Print one line, not a traceback, for a late callback into a closed asyncio loop.
+
+  After a failed asynchronous checkpoint save, TensorStore may still complete
+  futures of Orbax's event loop once that loop is closed, and reports each
+  through `sys.excepthook`. Every other error keeps the default traceback.
+  """
+  if issubclass(error_type, RuntimeError) and str(error) == "Event loop is closed":
+    logging.warning("ignored a late checkpoint callback: %s", error)
+    return
+  sys.__excepthook__(error_type, error, traceback)
+
+
 def run_cli() -> None:
   """Entry point of the `distill-jax` console script and of `python -m distill_jax.main`."""
+  sys.excepthook = _quiet_closed_loop_errors
   # absl's --help lists the flags of the module named by sys.argv[0], which is
   # the console script's wrapper rather than this module.
   for name in ("config", "workdir", "overwrite", "compilation_cache_dir"):

@@ -1,6 +1,8 @@
 """Test set-up: 8 simulated CPU devices and one Fashion-MNIST build per session."""
 
 import os
+import subprocess
+import sys
 
 # Must be set before JAX initializes its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -32,3 +34,28 @@ def fashion_mnist_splits(tfds_data_dir):
 
   return data.load_image_splits(source="debian", data_dir=tfds_data_dir,
                                 fashion_mnist_dir=FASHION_MNIST_DIR)
+
+
+def run_cli(*args: str, executable: list[str] | None = None) -> subprocess.CompletedProcess:
+  """Run the command line in a child process and return its exit code and output."""
+  command = (executable or [sys.executable, "-m", "distill_jax.main"]) + list(args)
+  return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                        check=False)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> str:
+  """The path of the packaged Gemma 3 270M GGUF file."""
+  from distill_jax.checkpoints import gemma3_import  # pylint: disable=g-import-not-at-top
+
+  return gemma3_import.default_gemma3_270m_gguf()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tfds_data_dir, tmp_path_factory):
+  """A finished run of the tiny classification recipe: (workdir, its flags, the result)."""
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  args = ("--config=configs/fashion_mnist_kd.py:tiny", f"--workdir={workdir}",
+          f"--config.data.data_dir={tfds_data_dir}")
+  first = run_cli(*args)
+  return workdir, args, first

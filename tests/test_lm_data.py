@@ -270,3 +270,9 @@ def test_packed_source_joins_cache(tmp_path):
   with pytest.raises(DataSourceError, match="the teacher cache has 5 rows but the data has 4"):
     packing.PackedSource(packing.pack_records(records[:4], TOKENIZER, SEQ_LEN), "letters",
                          teacher_cache=_write(tmp_path / "other"))
+
+
+def test_config_check_knows_every_text_source():
+  from distill_jax.training import validation  # pylint: disable=g-import-not-at-top
+
+  assert validation.TEXT_SOURCES == text_datasets.TEXT_SOURCES

@@ -114,7 +114,8 @@ def assert_bitwise_equal(expected, actual):
   assert sorted(expected[1]) == sorted(actual[1])
   for name, value in expected[1].items():
     other = actual[1][name]
-    assert value.dtype == other.dtype and value.shape == other.shape, name
+    assert value.dtype == other.dtype, name
+    assert value.shape == other.shape, name
     assert value.tobytes() == other.tobytes(), f"{name} differs"
 
 

@@ -11,11 +11,11 @@ import optax
 import pytest
 from absl import logging
 
-from distill_jax.checkpoints import NonFiniteStateError, StageCheckpointer
+from distill_jax.checkpoints import NonFiniteStateError
 from distill_jax.training import loop, preemption
 from distill_jax.training import state as state_lib
-from test_training import leaves, make_teacher, make_trainer, sources, tiny_config  # pylint: disable=unused-import
 from distill_jax import parallel
+from test_training import leaves, make_trainer, sources, tiny_config  # pylint: disable=unused-import  # noqa: F401
 
 
 def train_stage(config, workdir, sources, mesh, teacher=None, end_step=None):

@@ -11,12 +11,15 @@ from collections.abc import Iterator
 import contextlib
 import errno
 import os
+import re
+import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from distill_jax.checkpoints import integrity
 from distill_jax.errors import UserInputError
@@ -34,9 +37,63 @@ class CorruptCheckpointError(Exception):
   """A checkpoint that cannot be read back, or whose arrays changed since the save."""
 
 
+class IncompatibleCheckpointError(UserInputError):
+  """A readable checkpoint of another model: its arrays' names or shapes differ."""
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  """Join a pytree key path as a/b/c, whatever kinds of keys it has."""
+  parts = []
+  for key in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+  return "/".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {_path_name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_mismatch(state_directory: str, target_state: Any) -> str | None:
+  """Compare the arrays saved in `state_directory` with `target_state`.
+
+  Returns:
+    None if every array has the same name and shape, else a description of
+    the first difference. Raises if the checkpoint's metadata is unreadable.
+  """
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(state_directory))
+  stored = _shapes(metadata)
+  expected = _shapes(target_state)
+  for name, shape in expected.items():
+    if name not in stored:
+      return f"it has no array {name}"
+    if stored[name] != shape:
+      return f"its array {name} has shape {stored[name]}, but this model's has {shape}"
+  extra = sorted(set(stored) - set(expected))
+  if extra:
+    return f"it has an array {extra[0]} that this model does not have"
+  return None
+
+
 def _abstract(tree: Any) -> Any:
   """Shapes, dtypes and shardings of `tree`, the restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+# Room for a checkpoint's metadata files, on top of its arrays.
+_METADATA_MARGIN_BYTES = 1 << 20
+
+
+def _error_chain_text(error: BaseException) -> str:
+  """Return the messages of `error` and of the errors that caused it."""
+  texts = []
+  while error is not None and len(texts) < 10:
+    texts.append(str(error))
+    error = error.__cause__ or error.__context__
+  return " ".join(texts)
 
 
 def _write_failure_reason(error: BaseException) -> str | None:
@@ -83,7 +140,7 @@ class StageCheckpointer:
     """Start saving `state` (and the iterator's position) as checkpoint `step`.
 
     Raises:
-      NonFiniteStateError: if any array of `state` holds NaN or Inf; nothing
+      NonFiniteStateError: if any array of `state` contains NaN or Inf; nothing
         is written then.
       CheckpointWriteError: if this save or the previous asynchronous one
         failed to write, for instance on a full disk.
@@ -92,8 +149,9 @@ class StageCheckpointer:
     if not finite:
       bad = integrity.nonfinite_leaves(state)
       raise NonFiniteStateError(
-          f"the state of step {step} holds NaN or Inf in {', '.join(bad[:3])}, so it was not "
+          f"the state of step {step} contains NaN or Inf in {', '.join(bad[:3])}, so it was not "
           f"saved; {self._newest_on_disk()} in {self.directory}")
+    self._check_free_space(step, state)
     items = {"state": ocp.args.StandardSave(state),
              "integrity": ocp.args.JsonSave({"step": step, "checksums": checksums})}
     if data_iterator is not None:
@@ -101,6 +159,21 @@ class StageCheckpointer:
     with self._write_errors(step):
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("saving checkpoint of step %d to %s", step, self.directory)
+
+  def _check_free_space(self, step: int, state: Any) -> None:
+    """Raise `CheckpointWriteError` before a save that would not fit on the disk.
+
+    The estimate is the state's uncompressed size plus a margin for metadata;
+    Orbax compresses arrays, so a save that passes this check fits unless the
+    disk fills up while it is written.
+    """
+    needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + _METADATA_MARGIN_BYTES
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise CheckpointWriteError(
+          f"saving a checkpoint to {self.directory} at step {step} needs about "
+          f"{needed / 2**20:.1f} MiB, but only {free / 2**20:.1f} MiB are free; "
+          f"{self._newest_on_disk()}. Free space, then rerun the same command to resume")
 
   def _newest_on_disk(self) -> str:
     """Describe the newest committed checkpoint, read from the directory listing."""
@@ -117,6 +190,10 @@ class StageCheckpointer:
       reason = _write_failure_reason(error)
       if reason is None:
         raise
+      # An asynchronous save that failed is reported by the next call, so the
+      # failed step is read from the temporary directory named in the error.
+      failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", _error_chain_text(error))
+      step = int(failed.group(1)) if failed else step
       at_step = f" at step {step}" if step is not None else ""
       raise CheckpointWriteError(
           f"saving a checkpoint to {self.directory} failed{at_step}: {reason}; "
@@ -132,7 +209,20 @@ class StageCheckpointer:
     Raises:
       CorruptCheckpointError: if the checkpoint cannot be read or its arrays'
         checksums differ from those recorded at save time.
+      IncompatibleCheckpointError: if it is readable but holds arrays of
+        other names or shapes than `target_state`.
     """
+    try:
+      mismatch = shape_mismatch(os.path.join(self.directory, str(step), "state"), target_state)
+    except Exception as error:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(f"has unreadable metadata ({type(error).__name__}: "
+                                   f"{' '.join(str(error).split())[:300]})") from error
+    if mismatch is not None:
+      raise IncompatibleCheckpointError(
+          f"the checkpoint of step {step} in {self.directory} belongs to another model or "
+          f"version of distill_jax: {mismatch}; use a new --workdir, or delete "
+          f"{self.directory} to train this stage again")
+
     items = {"state": ocp.args.StandardRestore(_abstract(target_state)),
              "integrity": ocp.args.JsonRestore()}
     if data_iterator is not None:
@@ -217,6 +307,7 @@ def restore_params(directory: str, target_state: Any) -> tuple[Any, int]:
 
   Raises:
     FileNotFoundError: if `directory` contains no checkpoint.
+    ValueError: if the checkpoint contains arrays of other names or shapes.
   """
   directory = os.path.abspath(os.path.expanduser(directory))
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
@@ -224,6 +315,11 @@ def restore_params(directory: str, target_state: Any) -> tuple[Any, int]:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint found in {directory}")
+    # Checked first: a restore that fails part-way leaves Orbax's threads
+    # writing tracebacks at exit.
+    mismatch = shape_mismatch(os.path.join(directory, str(step), "state"), target_state)
+    if mismatch is not None:
+      raise ValueError(mismatch)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(target_state))))
   finally:

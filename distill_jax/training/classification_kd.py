@@ -74,7 +74,7 @@ def _restore_teacher(config: Mapping[str, Any], splits: Any,
   except ValueError as error:
     raise ConfigError(
         f"the checkpoint in config.teacher.checkpoint_dir={directory!r} does not match "
-        f"config.teacher.model ({' '.join(str(error).split())[:200]}); use the teacher model "
+        f"config.teacher.model: {' '.join(str(error).split())[:300]}; use the teacher model "
         "config of the run that saved it") from None
   return loop.StageResult(name="teacher", graphdef=graphdef, params=state.params, steps=step,
                           eval_history=[], train_seconds=0.0)

@@ -1,4 +1,4 @@
-"""What a stage does when a step's loss, gradient or parameters become NaN or Inf.
+"""The policy for steps whose loss, gradient or parameters become NaN or Inf.
 
 The train step never applies such an update (see `state.apply_gradients`).
 With `config.nonfinite_policy="halt"` (the default) the stage stops at its
@@ -10,7 +10,6 @@ from collections.abc import Mapping
 import json
 import math
 import os
-from typing import Any
 
 from distill_jax.errors import UserInputError
 from distill_jax.training import state as state_lib

