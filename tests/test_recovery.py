@@ -175,7 +175,7 @@ def test_nonfinite_state_never_saved(sources, tmp_path):
     trainer.checkpointer.wait_until_finished()
     poisoned = trainer.state.replace(
         params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), trainer.state.params))
-    with pytest.raises(NonFiniteStateError, match=r"state of step 4 holds NaN or Inf in .*"
+    with pytest.raises(NonFiniteStateError, match=r"state of step 4 contains NaN or Inf in .*"
                        r"so it was not saved; the checkpoint of step 3 is the newest"):
       trainer.checkpointer.save(4, poisoned, trainer.data_iterator)
   finally:
