@@ -31,10 +31,9 @@ LANGUAGE_MODEL = "--config=configs/gemma3_270m_distill.py:tiny"
 class Case:
   """One bad input: the flags, and files it needs, with `{name}` placeholders."""
   args: tuple[str, ...]
-  # Writes the case's input files under the test's temporary directory. A
-  # string names a function of this module that builds the setup from the
-  # finished run's workdir.
-  setup: Callable[..., None] | str | None = None
+  # Writes the case's input files under the test's temporary directory, given
+  # (that directory, the Gemma 3 GGUF path, the finished run's workdir).
+  setup: Callable[..., None] | None = None
   # Runs the case itself instead of one command, for inputs that change mid-run.
   run: Callable[..., subprocess.CompletedProcess] | None = None
 
@@ -42,7 +41,7 @@ class Case:
 # --- files the cases read ----------------------------------------------------
 
 
-def write_truncated_gguf(tmp, gemma):
+def write_truncated_gguf(tmp, gemma, existing):
   with open(gemma, "rb") as source, open(tmp / "truncated.gguf", "wb") as target:
     target.write(source.read(1 << 20))
 
@@ -59,13 +58,13 @@ def tiny_gemma3_model(gguf=True):
   return _tiny_model(config=_gguf_config(config) if gguf else config)
 
 
-def write_other_architecture_gguf(tmp, gemma):
+def write_other_architecture_gguf(tmp, gemma, existing):
   from test_gemma3 import _write_gguf  # pylint: disable=g-import-not-at-top
 
   _write_gguf(tmp / "llama.gguf", tiny_gemma3_model(), architecture="llama")
 
 
-def write_gguf_without_tensor(tmp, gemma):
+def write_gguf_without_tensor(tmp, gemma, existing):
   from test_gemma3 import _write_gguf  # pylint: disable=g-import-not-at-top
 
   _write_gguf(tmp / "incomplete.gguf", tiny_gemma3_model(), drop=("blk.2.ffn_up.weight",))
@@ -89,12 +88,12 @@ def write_safetensors(tmp, gemma, *, drop=(), model_type=None, truncate=False):
     config_path.write_text(json.dumps(config))
 
 
-def write_corrupt_safetensors(tmp, gemma):
+def write_corrupt_safetensors(tmp, gemma, existing):
   write_safetensors(tmp, gemma)
   (tmp / "hf" / "model.safetensors").write_bytes(b"\xff" * 8 + b"{not a header")
 
 
-def write_texts(tmp, gemma):
+def write_texts(tmp, gemma, existing):
   """GNU standards files whose only paragraph falls in the train split."""
   directory = tmp / "texts"
   directory.mkdir()
@@ -105,22 +104,18 @@ def write_texts(tmp, gemma):
       f.write(paragraph + "\n")
 
 
-def copy_run_with_other_model_checkpoints(existing):
+def copy_run_with_other_model_checkpoints(tmp, gemma, existing):
   """Copy the finished run to TMP/run with the teacher's checkpoints in place of the student's."""
-
-  def setup(tmp, gemma):
-    shutil.copytree(existing, tmp / "run")
-    shutil.rmtree(tmp / "run" / "checkpoints" / "distill")
-    shutil.copytree(tmp / "run" / "checkpoints" / "teacher", tmp / "run" / "checkpoints" / "distill")
-
-  return setup
+  shutil.copytree(existing, tmp / "run")
+  shutil.rmtree(tmp / "run" / "checkpoints" / "distill")
+  shutil.copytree(tmp / "run" / "checkpoints" / "teacher", tmp / "run" / "checkpoints" / "distill")
 
 
-def make_empty_directory(tmp, gemma):
+def make_empty_directory(tmp, gemma, existing):
   (tmp / "empty").mkdir()
 
 
-def write_blocker(tmp, gemma):
+def write_blocker(tmp, gemma, existing):
   (tmp / "blocker").write_text("keep me")
 
 
@@ -262,7 +257,7 @@ CASES = {
                            setup=write_truncated_gguf),
     "gguf-corrupt": Case((LANGUAGE_MODEL, "--workdir={tmp}/run",
                           "--config.teacher.path={tmp}/garbage.gguf"),
-                         setup=lambda tmp, gemma: write_garbage(tmp, "garbage.gguf")),
+                         setup=lambda tmp, gemma, existing: write_garbage(tmp, "garbage.gguf")),
     "gguf-other-architecture": Case((LANGUAGE_MODEL, "--workdir={tmp}/run",
                                      "--config.teacher.path={tmp}/llama.gguf"),
                                     setup=write_other_architecture_gguf),
@@ -278,7 +273,7 @@ CASES = {
                                    "--config.teacher.format=safetensors",
                                    "--config.teacher.path={tmp}/hf/model.safetensors",
                                    "--config.tokenizer.gguf_path={gemma}"),
-                                  setup=lambda tmp, gemma: write_safetensors(tmp, gemma,
+                                  setup=lambda tmp, gemma, existing: write_safetensors(tmp, gemma,
                                                                              truncate=True)),
     "safetensors-corrupt": Case((LANGUAGE_MODEL, "--workdir={tmp}/run",
                                  "--config.teacher.format=safetensors",
@@ -289,19 +284,19 @@ CASES = {
         (LANGUAGE_MODEL, "--workdir={tmp}/run", "--config.data.data_dir={tmp}/tfds",
          "--config.teacher.format=safetensors", "--config.teacher.path={tmp}/hf/model.safetensors",
          "--config.tokenizer.gguf_path={gemma}"),
-        setup=lambda tmp, gemma: write_safetensors(tmp, gemma,
+        setup=lambda tmp, gemma, existing: write_safetensors(tmp, gemma,
                                                    drop=("model.layers.1.mlp.up_proj.weight",))),
     "safetensors-other-architecture": Case(
         (LANGUAGE_MODEL, "--workdir={tmp}/run", "--config.teacher.format=safetensors",
          "--config.teacher.path={tmp}/hf/model.safetensors", "--config.tokenizer.gguf_path={gemma}"),
-        setup=lambda tmp, gemma: write_safetensors(tmp, gemma, model_type="llama")),
+        setup=lambda tmp, gemma, existing: write_safetensors(tmp, gemma, model_type="llama")),
     "teacher-checkpoint-other-model": Case(
         (CLASSIFICATION, "--workdir={tmp}/run", "--config.data.data_dir={tfds}",
          "--config.teacher.checkpoint_dir={existing}/checkpoints/teacher",
          "--config.teacher.model.stage_widths=(8,16)")),
     "workdir-checkpoint-other-model": Case(
         (CLASSIFICATION, "--workdir={tmp}/run", "--config.data.data_dir={tfds}"),
-        setup="copy_run_with_other_model_checkpoints"),
+        setup=copy_run_with_other_model_checkpoints),
     "teacher-checkpoint-empty": Case(
         (CLASSIFICATION, "--workdir={tmp}/run", "--config.data.data_dir={tfds}",
          "--config.teacher.checkpoint_dir={tmp}/empty"), setup=make_empty_directory),
@@ -378,11 +373,8 @@ def check_case(name, tiny_run, tfds_data_dir, gemma_gguf, tmp_path):
   existing, _, first = tiny_run
   assert first.returncode == 0, first.stderr[-3000:]
   case = CASES[name]
-  setup = case.setup
-  if isinstance(setup, str):
-    setup = globals()[setup](existing)
-  if setup is not None:
-    setup(tmp_path, gemma_gguf)
+  if case.setup is not None:
+    case.setup(tmp_path, gemma_gguf, existing)
   before = snapshot(existing, tmp_path)
 
   if case.run is not None:

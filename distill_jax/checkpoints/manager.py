@@ -209,7 +209,7 @@ class StageCheckpointer:
     Raises:
       CorruptCheckpointError: if the checkpoint cannot be read or its arrays'
         checksums differ from those recorded at save time.
-      IncompatibleCheckpointError: if it is readable but holds arrays of
+      IncompatibleCheckpointError: if it is readable but contains arrays of
         other names or shapes than `target_state`.
     """
     try:

@@ -217,6 +217,7 @@ class StageTrainer:
     self.earlier_train_seconds = 0.0
     self._train_started: float | None = None
     self._reported_skips = 0
+    self._skipped_steps = 0
 
   def restore(self) -> int:
     """Restore the newest intact checkpoint of this stage, if any; returns the step to start at."""
@@ -265,6 +266,7 @@ class StageTrainer:
     """Apply the non-finite policy to the updates since the last check."""
     nonfinite_step, cause, skipped = (int(x) for x in jax.device_get(
         (self.state.nonfinite_step, self.state.nonfinite_cause, self.state.skipped_steps)))
+    self._skipped_steps = skipped
     if nonfinite_step < 0:
       return
     if self.nonfinite_policy == "skip":
@@ -296,7 +298,8 @@ class StageTrainer:
   def _log_train_metrics(self, step: int, metrics: Any, interval_steps: int,
                          interval_seconds: float) -> None:
     scalars = namespaced({k: float(v) for k, v in metrics.compute().items()})
-    scalars["train/skipped_steps"] = float(jax.device_get(self.state.skipped_steps))
+    # Read by `_check_finite`, which runs before every log step.
+    scalars["train/skipped_steps"] = float(self._skipped_steps)
     steps_per_second = interval_steps / max(interval_seconds, 1e-9)
     eta_seconds = (self.total_steps - step) / max(steps_per_second, 1e-9)
     scalars.update({

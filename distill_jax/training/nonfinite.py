@@ -84,8 +84,10 @@ def write_diagnostic(workdir: str, *, stage: str, step: int, detected_at_step: i
 
 def halt_message(stage: str, step: int, cause: int, last_checkpoint_step: int | None,
                  diagnostic_path: str) -> str:
-  kept = (f"the checkpoint of step {last_checkpoint_step} is kept" if last_checkpoint_step
-          is not None else "no checkpoint was saved before it")
+  checkpoint_state = (f"the checkpoint of step {last_checkpoint_step} is kept"
+                      if last_checkpoint_step is not None
+                      else "no checkpoint was saved before it")
   return (f"{stage}: the {_join(cause_names(cause))} became NaN or Inf at step {step}; "
-          f"{kept}, and {diagnostic_path} lists the step's metrics. Lower the learning rate "
-          "or check the inputs, or set config.nonfinite_policy='skip' to drop such updates")
+          f"{checkpoint_state}, and {diagnostic_path} lists the step's metrics. Lower the "
+          "learning rate or check the inputs, or set config.nonfinite_policy='skip' to drop such "
+          "updates")
